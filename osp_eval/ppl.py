@@ -1,0 +1,71 @@
+"""WikiText-2 perplexity exactly as the reference: non-overlapping windows, tail dropped,
+per-window mean token cross-entropy (in the logits' dtype, averaged in fp32), PPL = exp(mean)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import OspEvalError
+
+
+def make_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """[nwindows, seqlen]: ⌊N/seqlen⌋ non-overlapping windows, the tail dropped."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise OspEvalError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def check_seqlen(config, seqlen: int) -> None:
+    """Fail early when the windows are longer than the model's positions (takes a model config)."""
+    maxpos = getattr(config, "max_position_embeddings", None)
+    if maxpos is not None and seqlen > maxpos:
+        raise OspEvalError(
+            f"--seqlen {seqlen} exceeds this model's max_position_embeddings ({maxpos}): pass --seqlen {maxpos} "
+            "or smaller"
+        )
+
+
+@torch.no_grad()
+def window_nlls(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy of each window (fp32 tensor [nwindows])."""
+    device = next(model.parameters()).device
+    out = []
+    for i in tqdm(range(0, len(windows), batch_size), desc="PPL", disable=not progress, leave=False):
+        batch = windows[i : i + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        # Per-token losses stay in the logits' dtype (bf16 in the reference), then average in fp32.
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        loss = loss.view(len(batch), -1)
+        out.append(loss.float().mean(1).cpu())
+        del logits, loss
+    return torch.cat(out)
+
+
+def perplexity(model, ids: torch.Tensor, seqlen: int = 2048, batch_size: int = 4, max_windows: int | None = None,
+               progress: bool = True) -> dict:
+    check_seqlen(model.config, seqlen)
+    windows = make_windows(ids, seqlen, max_windows)
+    t0 = time.perf_counter()
+    nlls = window_nlls(model, windows, batch_size, progress)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {
+        "ppl": math.exp(nlls.mean().item()),
+        "nwindows": len(windows),
+        "full_split": max_windows is None or len(windows) == ids.numel() // seqlen,
+        "windows_available": ids.numel() // seqlen,
+        "tokens": int(windows.numel()),
+        "text_tokens": int(ids.numel()),
+        "seqlen": seqlen,
+        "eval_seconds": seconds,
+        "tokens_per_second": windows.numel() / seconds if seconds > 0 else None,
+    }

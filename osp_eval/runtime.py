@@ -1,0 +1,130 @@
+"""What runs inside a quantized model at inference time: input transforms on Linears (online Hadamard,
+dynamic activation fake-quant), V fake-quant on the v_proj output, and the attention function that
+rotates Q/K and fake-quantizes K after RoPE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .quant import fake_quant_act
+
+
+@dataclass
+class ActSpec:
+    bits: int = 16
+    sym: bool = False
+    clip_ratio: float = 1.0
+    groupsize: int = -1
+    zero_in_range: bool | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_act(x, self.bits, self.sym, self.clip_ratio, self.groupsize, self.zero_in_range)
+
+
+class InputTransform(nn.Module):
+    """Applied to a Linear's input by a forward pre-hook: optional online rotation, then fake quant.
+
+    `quant_enabled` lets GPTQ collect statistics with the rotation active but activations unquantized.
+    Holds no persistent state, so the model's state_dict is unchanged.
+    """
+
+    def __init__(self, act: ActSpec, rotation=None):
+        super().__init__()
+        self.act = act
+        self.rotation = rotation  # callable on the last dim, or None
+        self.quant_enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = self.rotation(x)
+        if self.quant_enabled:
+            x = self.act(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}, rotation={self.rotation}"
+
+
+def _input_pre_hook(module: nn.Module, args):
+    return (module.osp_input(args[0]),) + tuple(args[1:])
+
+
+def install_input_transform(linear: nn.Linear, act: ActSpec, rotation=None) -> InputTransform:
+    remove_input_transform(linear)
+    linear.osp_input = InputTransform(act, rotation)
+    linear.osp_input_hook = linear.register_forward_pre_hook(_input_pre_hook)
+    return linear.osp_input
+
+
+def remove_input_transform(linear: nn.Linear) -> None:
+    if hasattr(linear, "osp_input_hook"):
+        linear.osp_input_hook.remove()
+        del linear.osp_input_hook
+        del linear.osp_input
+
+
+class OutputQuant(nn.Module):
+    """Fake-quantizes a Linear's output (the V cache: v_proj output, per token and head)."""
+
+    def __init__(self, act: ActSpec):
+        super().__init__()
+        self.act = act
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.act(y)
+
+
+def _output_hook(module: nn.Module, args, out):
+    return module.osp_output(out)
+
+
+def install_output_quant(linear: nn.Linear, act: ActSpec) -> None:
+    if hasattr(linear, "osp_output_hook"):
+        linear.osp_output_hook.remove()
+    linear.osp_output = OutputQuant(act)
+    linear.osp_output_hook = linear.register_forward_hook(_output_hook)
+
+
+@dataclass
+class KSpec:
+    """Q/K rotation after RoPE (R3, always on when K is quantized) and K fake quant per token and head."""
+
+    act: ActSpec
+    rotate: bool = True
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor):
+        if self.rotate:
+            from .hadamard import hadamard_transform
+
+            # The reference computes this Hadamard in fp32 and casts back.
+            query = hadamard_transform(query.float()).to(query.dtype)
+            key = hadamard_transform(key.float()).to(key.dtype)
+        return query, self.act(key)
+
+
+ATTN_IMPL = "osp_sdpa"
+
+
+def osp_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA after the K path: keys arrive post-RoPE and post-cache, shape [batch, kv_heads, tokens, head_dim].
+
+    The cache holds unrotated, unquantized keys; rotation and rounding are deterministic per token,
+    so re-applying them at every decoding step gives what a quantized cache would hold.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kspec = getattr(module, "osp_k", None)
+    if kspec is not None:
+        query, key = kspec(query, key)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPL, osp_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, sdpa_mask)
