@@ -109,6 +109,18 @@ def adapter_for_architecture(arch: str | None) -> DecoderAdapter:
     raise OspEvalError(f"unsupported architecture {arch!r}: osp-eval supports {', '.join(SUPPORTED)}")
 
 
+def adapter_for_config(config) -> DecoderAdapter:
+    """By `architectures`, or by `model_type` when a config has none (GGUF-derived configs)."""
+    archs = getattr(config, "architectures", None)
+    if archs:
+        return adapter_for_architecture(archs[0])
+    for ad in ADAPTERS:
+        if ad.family == getattr(config, "model_type", None):
+            return ad
+    return adapter_for_architecture(f"model_type={getattr(config, 'model_type', None)}")
+
+
 def get_adapter(model: nn.Module) -> DecoderAdapter:
-    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
-    return adapter_for_architecture(archs[0] if archs[0] in SUPPORTED else type(model).__name__)
+    if type(model).__name__ in SUPPORTED:
+        return adapter_for_architecture(type(model).__name__)
+    return adapter_for_config(model.config)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import adapter_for_architecture
+from .arch import adapter_for_config
 from .errors import OspEvalError
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -93,8 +93,7 @@ def load_model(
     device = device or default_device()
     dtype = resolve_dtype(dtype, device)
     config = load_config(name_or_path, gguf_file)
-    archs = getattr(config, "architectures", None) or [f"{config.model_type} (model_type)"]
-    adapter_for_architecture(archs[0])
+    adapter_for_config(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, gguf_file=gguf_file, dtype=dtype, attn_implementation="sdpa"

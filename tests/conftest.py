@@ -1,0 +1,70 @@
+"""Shared fixtures: the real tiny model, SmolLM2-135M from its PyPI GGUF, and the offline data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("OSP_EVAL_SHARED", ROOT.parent / "shared"))
+DATA = SHARED / "data"
+STORIES = SHARED / "models" / "stories260K"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    if not DATA.is_dir():
+        pytest.fail(f"shared data not found at {DATA} (set OSP_EVAL_SHARED)")
+    return str(DATA)
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> str:
+    if not STORIES.is_dir():
+        pytest.fail(f"stories260K not found at {STORIES}")
+    return str(STORIES)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from osp_eval.models import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+def load(path: str, dtype=torch.float32):
+    from osp_eval.models import load_model
+
+    return load_model(path, dtype=dtype, device="cpu")
+
+
+@pytest.fixture
+def stories(stories_path):
+    """A fresh fp32 stories260K (model, tokenizer) per test: tests mutate models in place."""
+    return load(stories_path)
+
+
+@pytest.fixture(scope="session")
+def _smollm2_state(smollm2_path):
+    model, tok = load(smollm2_path)
+    return model.state_dict(), model.config, tok
+
+
+@pytest.fixture
+def smollm2(_smollm2_state):
+    """A fresh fp32 SmolLM2-135M per test, rebuilt from a cached state dict (GGUF parsing is slow)."""
+    from transformers import AutoModelForCausalLM
+
+    sd, config, tok = _smollm2_state
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    model.eval().requires_grad_(False)
+    return model, tok
