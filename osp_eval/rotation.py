@@ -1,18 +1,27 @@
 """Offline rotations folded into weights, and the online transforms that complete them.
 
-`--rotate_down_proj` (R4): the down_proj weight gets the exact inverse of an online Hadamard on its input.
-`--rotate` (QuaRot): R1/R2/R4 plus norm fusion (see `rotate_model`).
+`--rotate_down_proj` (R4 only): the down_proj weight gets the exact inverse of an online Hadamard on its input.
+`--rotate` (QuaRot / SpinQuant), in this order, offline math in float64 then cast back:
+  1. untie lm_head from the embedding; optionally mean-centre the embedding rows (reference parity; NOT
+     function-preserving for RMSNorm models, so the 16-bit invariance holds only with it off);
+  2. fold every RMSNorm weight into the Linears that read it (q/k/v, gate/up, lm_head) and set it to 1;
+  3. R1 (hidden×hidden, orthogonal): residual stream x -> x·R1: readers get W·R1, writers R1ᵀ·W;
+  4. R2 (head_dim×head_dim, per layer): v_proj output rows and o_proj input columns, per head;
+  5. R4: the down_proj Hadamard (online on its input, inverse folded into the weight).
+R3 (Q/K Hadamard after RoPE) lives in the attention function: it is on whenever K is quantized.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from .arch import get_adapter
+from .arch import Dims, get_adapter
 from .config import QuantConfig
 from .errors import OspEvalError
-from .hadamard import hadamard_transform
+from .hadamard import hadamard_matrix, hadamard_transform, random_hadamard_matrix
 
 
 class OnlineHadamard:
@@ -28,18 +37,162 @@ class OnlineHadamard:
         return f"OnlineHadamard(fp32={self.fp32})"
 
 
+class CrossHeadHadamard:
+    """QuaRot's o_proj input transform: a Hadamard across heads ([.., heads, head_dim] -> over heads).
+
+    With the per-head Hadamard folded into v_proj, the two make the full Hadamard of size heads·head_dim
+    that is folded into the o_proj weight.
+    """
+
+    def __init__(self, num_heads: int, fp32: bool = False):
+        self.num_heads, self.fp32 = num_heads, fp32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = x.reshape(*shape[:-1], self.num_heads, -1).transpose(-1, -2)
+        return hadamard_transform(y, fp32=self.fp32).transpose(-1, -2).reshape(shape)
+
+    def __repr__(self) -> str:
+        return f"CrossHeadHadamard(heads={self.num_heads}, fp32={self.fp32})"
+
+
+def _set(linear_or_emb: nn.Module, w: torch.Tensor) -> None:
+    p = linear_or_emb.weight
+    p.data = w.to(device=p.device, dtype=p.dtype)
+
+
 @torch.no_grad()
 def fold_input_hadamard(linear: nn.Linear) -> None:
     """W <- W·Hᵀ/√n (rows transformed) so that W'·(H x/√n) = W x; computed in float64."""
-    w = linear.weight.data
-    linear.weight.data = hadamard_transform(w.double()).to(w.dtype)
+    _set(linear, hadamard_transform(linear.weight.data.double()))
 
 
+@torch.no_grad()
+def untie_lm_head(model: nn.Module) -> None:
+    ad = get_adapter(model)
+    head, emb = ad.lm_head(model), ad.embed(model)
+    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module) -> None:
+    """Fold each RMSNorm's γ into the input columns of the Linears that read its output; set γ = 1."""
+    ad = get_adapter(model)
+
+    def fold(norm: nn.Module, readers: list[nn.Linear]) -> None:
+        g = norm.weight.data.double()
+        for lin in readers:
+            _set(lin, lin.weight.data.double() * g)
+        norm.weight.data.fill_(1.0)
+
+    for layer in ad.layers(model):
+        lin = ad.linears(layer)
+        attn_norm, mlp_norm = ad.norms(layer)
+        fold(attn_norm, [lin["q"], lin["k"], lin["v"]])
+        fold(mlp_norm, [lin["gate"], lin["up"]])
+    fold(ad.final_norm(model), [ad.lm_head(model)])
+
+
+def draw_rotations(cfg: QuantConfig, dims: Dims, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """R1 and the per-layer R2s: from `optimized_rotation_path`, or random Hadamards drawn as the reference
+    does (global torch RNG seeded with `rotation_seed`; R1 first, then each layer's R2 in order).
+    In the QuaRot-paper mode (o_proj_input='hadamard') R2 is the plain per-head Hadamard."""
+    if cfg.optimized_rotation_path:
+        return load_rotations(cfg.optimized_rotation_path, dims)
+    torch.manual_seed(cfg.rotation_seed)
+    r1 = random_hadamard_matrix(dims.hidden)
+    if cfg.o_proj_input == "hadamard":
+        h = hadamard_matrix(dims.head_dim).T / math.sqrt(dims.head_dim)
+        return r1, [h] * dims.num_layers
+    return r1, [random_hadamard_matrix(dims.head_dim) for _ in range(dims.num_layers)]
+
+
+def load_rotations(path: str, dims: Dims) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A SpinQuant `R.bin`: {"R1": [hidden, hidden], "model.layers.{i}.self_attn.R2": [head_dim, head_dim]}."""
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise OspEvalError(f"rotation file not found: {path}") from e
+    except Exception as e:
+        raise OspEvalError(f"cannot read rotation file {path}: {e}") from e
+    if not isinstance(d, dict) or "R1" not in d:
+        raise OspEvalError(f"{path} is not a SpinQuant rotation file (no 'R1' key)")
+    r1 = d["R1"]
+    if tuple(r1.shape) != (dims.hidden, dims.hidden):
+        raise OspEvalError(f"{path}: R1 has shape {tuple(r1.shape)}, this model needs ({dims.hidden}, {dims.hidden})")
+    r2s = []
+    for i in range(dims.num_layers):
+        key = f"model.layers.{i}.self_attn.R2"
+        if key not in d:
+            raise OspEvalError(f"{path}: missing {key} (the model has {dims.num_layers} layers)")
+        if tuple(d[key].shape) != (dims.head_dim, dims.head_dim):
+            raise OspEvalError(f"{path}: {key} has shape {tuple(d[key].shape)}, this model needs "
+                               f"({dims.head_dim}, {dims.head_dim})")
+        r2s.append(d[key].double())
+    return r1.double(), r2s
+
+
+@torch.no_grad()
+def apply_r1_r2(model: nn.Module, r1: torch.Tensor, r2s: list[torch.Tensor], o_full_hadamard: bool = False) -> None:
+    ad = get_adapter(model)
+    dims = ad.dims(model)
+    hd = dims.head_dim
+    device = ad.embed(model).weight.device  # float64 on the model's device: GPUs do this in seconds
+    r1 = r1.double().to(device)
+
+    def reads(m: nn.Module) -> None:  # input side: W·R1
+        _set(m, m.weight.data.double() @ r1)
+
+    def writes(lin: nn.Linear) -> None:  # output side: R1ᵀ·W (and the bias)
+        _set(lin, r1.T @ lin.weight.data.double())
+        if lin.bias is not None:
+            lin.bias.data = (r1.T @ lin.bias.data.double()).to(lin.bias)
+
+    emb = ad.embed(model)
+    emb.weight.data = (emb.weight.data.double() @ r1).to(emb.weight)
+    reads(ad.lm_head(model))
+    for layer, r2 in zip(ad.layers(model), r2s):
+        lin = ad.linears(layer)
+        for role in ("q", "k", "v", "gate", "up"):
+            reads(lin[role])
+        writes(lin["o"])
+        writes(lin["down"])
+        r2 = r2.double().to(device)
+        # V per head: rows of each head's block -> R2ᵀ·W_h (and its bias)
+        v = lin["v"]
+        wv = v.weight.data.double().view(-1, hd, dims.hidden)
+        _set(v, torch.einsum("dk,hdi->hki", r2, wv).reshape(-1, dims.hidden))
+        if v.bias is not None:
+            v.bias.data = (v.bias.data.double().view(-1, hd) @ r2).reshape(-1).to(v.bias)
+        # o_proj input columns per head: W[:, h] -> W[:, h]·R2 (or the full Hadamard, QuaRot paper)
+        o = lin["o"]
+        if o_full_hadamard:
+            fold_input_hadamard(o)
+        else:
+            wo = o.weight.data.double().view(dims.hidden, -1, hd)
+            _set(o, (wo @ r2).reshape(dims.hidden, -1))
+
+
+@torch.no_grad()
 def rotate_model(model: nn.Module, cfg: QuantConfig) -> dict[str, object]:
     """Apply the offline part of the configured rotation; return the online transforms by Linear role."""
     ad = get_adapter(model)
+    dims = ad.dims(model)
+    online: dict[str, object] = {"down": OnlineHadamard(cfg.fp32_had)}
     if cfg.rotate:
-        raise OspEvalError("--rotate (full QuaRot) is not implemented yet: use --rotate_down_proj")
+        untie_lm_head(model)
+        if cfg.center_embeddings:
+            w = ad.embed(model).weight.data
+            w.sub_(w.double().mean(-1, keepdim=True).to(w.dtype))
+        fuse_norms(model)
+        r1, r2s = draw_rotations(cfg, dims, next(model.parameters()).device)
+        apply_r1_r2(model, r1, r2s, o_full_hadamard=cfg.o_proj_input == "hadamard")
+        if cfg.o_proj_input == "hadamard":
+            online["o"] = CrossHeadHadamard(dims.num_heads, cfg.fp32_had)
     for layer in ad.layers(model):
         fold_input_hadamard(ad.linears(layer)["down"])
-    return {"down": OnlineHadamard(cfg.fp32_had)}
+    return online

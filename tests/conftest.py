@@ -58,13 +58,28 @@ def _smollm2_state(smollm2_path):
 
 
 @pytest.fixture
-def smollm2(_smollm2_state):
-    """A fresh fp32 SmolLM2-135M per test, rebuilt from a cached state dict (GGUF parsing is slow)."""
+def smollm2_factory(_smollm2_state):
+    """Builds fresh fp32 SmolLM2-135M copies from a cached state dict (GGUF parsing is slow)."""
     from transformers import AutoModelForCausalLM
 
     sd, config, tok = _smollm2_state
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-    model.load_state_dict(sd, strict=False)
-    model.tie_weights()
-    model.eval().requires_grad_(False)
-    return model, tok
+
+    def make():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        model.load_state_dict(sd, strict=False)
+        model.tie_weights()
+        model.eval().requires_grad_(False)
+        return model, tok
+
+    return make
+
+
+@pytest.fixture
+def smollm2(smollm2_factory):
+    """A fresh fp32 SmolLM2-135M per test (tied embeddings, GQA 9/3 heads, head_dim 64)."""
+    return smollm2_factory()
+
+
+@pytest.fixture
+def stories_factory(stories_path):
+    return lambda: load(stories_path)

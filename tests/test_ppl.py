@@ -1,0 +1,62 @@
+"""WikiText-2 perplexity: windowing, equality with a plain transformers computation, quantization effects."""
+
+import math
+
+import pytest
+import torch
+
+from osp_eval import preset, quantize_
+from osp_eval.data import tokenize_text, wikitext2_text
+from osp_eval.pipeline import run_ppl
+from osp_eval.ppl import make_windows, perplexity
+
+from conftest import load
+
+
+def test_windows_drop_the_tail():
+    w = make_windows(torch.arange(10), 3)
+    assert w.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert make_windows(torch.arange(10), 3, max_windows=2).shape == (2, 3)
+
+
+def test_wikitext_text_is_the_reference_join(data_dir):
+    text = wikitext2_text("test", data_dir)
+    assert len(text) == 1_294_336  # MANIFEST: "\n\n".join(rows) of the 4358 test rows
+
+
+def _plain_ppl(model, ids, seqlen, nwin):
+    """Independent: transformers' own shifted loss per window, exp of the mean."""
+    losses = [model(input_ids=ids[i * seqlen:(i + 1) * seqlen][None], labels=ids[i * seqlen:(i + 1) * seqlen][None]).loss
+              for i in range(nwin)]
+    return math.exp(torch.stack(losses).mean().item())
+
+
+def test_harness_fp_equals_plain_transformers(stories_path, data_dir, tmp_path):
+    model, tok = load(stories_path)
+    ids = tokenize_text(tok, wikitext2_text("test", data_dir))
+    assert ids[0].item() != tok.bos_token_id  # no BOS anywhere
+    with torch.no_grad():
+        expected = _plain_ppl(model, ids, 256, 6)
+    r = run_ppl(stories_path, preset("osp"), device="cpu", data_dir=data_dir, seqlen=256, max_windows=6,
+                batch_size=4, output_dir=tmp_path, progress=False)
+    assert r["ppl"] == pytest.approx(expected, rel=1e-5)
+    assert r["nwindows"] == 6 and r["tokens"] == 6 * 256 and not r["full_split"]
+    assert (tmp_path / "ppl" / "stories260K").is_dir()
+
+
+def _ppl(model, ids, seqlen=256, nwin=4):
+    return perplexity(model, ids, seqlen=seqlen, max_windows=nwin, progress=False)["ppl"]
+
+
+@pytest.mark.parametrize("which", ["stories", "smollm2"])
+def test_rtn_8bit_barely_changes_and_4bit_hurts(which, request, data_dir):
+    make = request.getfixturevalue(f"{which}_factory")
+    model, tok = make()
+    ids = tokenize_text(tok, wikitext2_text("test", data_dir))
+    nwin = 4 if which == "stories" else 1
+    base = _ppl(model, ids, nwin=nwin)
+    p8 = _ppl(quantize_(model, preset("osp", w_bits=8, a_bits=8, w_method="rtn"), progress=False), ids, nwin=nwin)
+    assert abs(p8 / base - 1) < 0.01, (base, p8)
+    cfg4 = preset("osp", w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn")
+    p4 = _ppl(quantize_(make()[0], cfg4, progress=False), ids, nwin=nwin)
+    assert p4 > base * 1.02, (base, p4)
