@@ -15,7 +15,8 @@ def _ppl(args) -> None:
     cfg = config_from_args(args, default_method="gptq")
     r = run_ppl(args.model, cfg, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
                 data_dir=args.data_dir, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
-                output_dir=args.output_dir, progress=not args.no_progress)
+                output_dir=args.output_dir, progress=not args.no_progress, save_qmodel_path=args.save_qmodel_path,
+                load_qmodel_path=args.load_qmodel_path)
     part = "" if r["full_split"] else f" (first {r['nwindows']} of {r['windows_available']} windows)"
     print(f"{r['method']} W{cfg.w_bits}A{cfg.a_bits}KV{cfg.k_bits} {r['model']}: wikitext2 ppl = {r['ppl']:.4f}"
           f"{part} [{r['tokens']} tokens, {r['eval_seconds']:.1f}s eval, {r['quantize_seconds']:.1f}s quantize]")

@@ -50,6 +50,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--calib_data", default=None, help="wikitext2 (train split) | c4 | PATH to .jsonl/.txt")
     c.add_argument("--calib_seqlen", type=int, default=None)
     c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--save_qmodel_path", default=None, help="save the quantized weights (reuse an expensive GPTQ)")
+    c.add_argument("--load_qmodel_path", default=None, help="load weights saved by --save_qmodel_path")
 
 
 def config_from_args(args: argparse.Namespace, default_method: str = "gptq") -> QuantConfig:

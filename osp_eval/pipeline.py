@@ -38,34 +38,79 @@ def model_slug(name: str, gguf_file: str | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", base)
 
 
+# Fields that must agree between a saved quantized model and the config it is loaded for.
+_WEIGHT_FIELDS = ("w_bits", "w_groupsize", "w_asym", "w_clip", "w_method", "rotate", "rotate_down_proj",
+                  "center_embeddings", "optimized_rotation_path", "rotation_seed", "o_proj_input", "percdamp",
+                  "act_order", "static_groups", "nsamples", "calib_data", "calib_seqlen", "seed")
+
+
+def save_qmodel(model, cfg: QuantConfig, path: str, info: dict | None = None) -> None:
+    """Save the fake-quantized weights with the config that made them (reused by --load_qmodel_path)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": "osp-eval-qmodel/1", "config": cfg.to_dict(), "info": info or {}, "state_dict": sd}, path)
+
+
+def _load_qmodel_state(path: str, cfg: QuantConfig) -> tuple[dict, dict]:
+    from .errors import OspEvalError
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise OspEvalError(f"--load_qmodel_path: file not found: {path}") from e
+    if not isinstance(blob, dict) or blob.get("format") != "osp-eval-qmodel/1":
+        raise OspEvalError(f"--load_qmodel_path: {path} is not an osp-eval quantized model")
+    saved = blob["config"]
+    diff = [f"{k}: saved {saved.get(k)!r}, asked {getattr(cfg, k)!r}" for k in _WEIGHT_FIELDS
+            if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise OspEvalError(f"--load_qmodel_path: {path} was made with a different recipe ({'; '.join(diff)})")
+    return blob["state_dict"], blob.get("info", {})
+
+
 def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", device=None,
-                      data_dir=None, progress=True):
-    """Load a model and apply `cfg` in place. Returns (model, tokenizer, info for the results file)."""
+                      data_dir=None, progress=True, save_qmodel_path=None, load_qmodel_path=None):
+    """Load a model and apply `cfg` in place. Returns (model, tokenizer, info for the results file).
+
+    With `load_qmodel_path`, the weights come from an earlier run's `save_qmodel_path` (no GPTQ again); the
+    rotations' online parts and the activation/KV quantizers are installed as usual.
+    """
     cfg.validate()
     model, tok = load_model(model_name, gguf_file, dtype, device)
     info = {"calibration": None}
-    calib = None
-    if cfg.w_bits < 16 and cfg.w_method == "gptq":
-        calib, info["calibration"] = calibration_ids(tok, cfg.calib_data, cfg.nsamples, cfg.calib_seqlen, cfg.seed,
-                                                     data_dir)
     t0 = time.perf_counter()
-    quantize_(model, cfg, calib, progress=progress)
+    if load_qmodel_path:
+        sd, info = _load_qmodel_state(load_qmodel_path, cfg)
+        quantize_(model, cfg.replace(w_bits=16), progress=progress)  # rotations and hooks; weights come next
+        model.load_state_dict(sd, strict=True)
+        info = {**info, "loaded_from": str(load_qmodel_path)}
+    else:
+        calib = None
+        if cfg.w_bits < 16 and cfg.w_method == "gptq":
+            calib, info["calibration"] = calibration_ids(tok, cfg.calib_data, cfg.nsamples, cfg.calib_seqlen,
+                                                         cfg.seed, data_dir)
+        quantize_(model, cfg, calib, progress=progress)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     info["quantize_seconds"] = time.perf_counter() - t0
     info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    model.osp_config = cfg
+    if save_qmodel_path:
+        save_qmodel(model, cfg, save_qmodel_path, info)
     return model, tok, info
 
 
 def run_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", device=None, data_dir=None,
-            seqlen=2048, batch_size=4, max_windows=None, output_dir="results", progress=True) -> dict:
+            seqlen=2048, batch_size=4, max_windows=None, output_dir="results", progress=True,
+            save_qmodel_path=None, load_qmodel_path=None) -> dict:
     """WikiText-2 test perplexity of `model_name` quantized by `cfg`; writes and returns the result record."""
     from .models import load_config, resolve_model
 
     check_seqlen(load_config(*resolve_model(model_name, gguf_file)), seqlen)
     text = wikitext2_text("test", data_dir)  # fail fast on missing data, before loading the model
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
-                                         data_dir=data_dir, progress=progress)
+                                         data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
+                                         load_qmodel_path=load_qmodel_path)
     ids = tokenize_text(tok, text)
     res = perplexity(model, ids, seqlen, batch_size, max_windows, progress)
     method = method_name(cfg)

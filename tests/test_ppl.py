@@ -60,3 +60,15 @@ def test_rtn_8bit_barely_changes_and_4bit_hurts(which, request, data_dir):
     cfg4 = preset("osp", w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn")
     p4 = _ppl(quantize_(make()[0], cfg4, progress=False), ids, nwin=nwin)
     assert p4 > base * 1.02, (base, p4)
+
+
+def test_save_then_load_qmodel_gives_identical_ppl(stories_path, data_dir, tmp_path):
+    from osp_eval.errors import OspEvalError
+
+    cfg = preset("osp", w_bits=3, a_bits=8, k_bits=8, v_bits=8, w_method="rtn", rotate=True)
+    kw = dict(device="cpu", data_dir=data_dir, seqlen=256, max_windows=2, output_dir=tmp_path, progress=False)
+    a = run_ppl(stories_path, cfg, save_qmodel_path=tmp_path / "q.pt", **kw)
+    b = run_ppl(stories_path, cfg, load_qmodel_path=tmp_path / "q.pt", **kw)
+    assert a["ppl"] == b["ppl"] and b["loaded_from"]
+    with pytest.raises(OspEvalError, match="different recipe"):
+        run_ppl(stories_path, cfg.replace(w_bits=4), load_qmodel_path=tmp_path / "q.pt", **kw)

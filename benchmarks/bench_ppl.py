@@ -1,0 +1,95 @@
+"""Time WikiText-2-style PPL evaluation (tokens/s) and the quantization step, per method.
+
+  python benchmarks/bench_ppl.py --model random-osp-1.4b --methods fp,rtn,ffn_had   # GPU
+  python benchmarks/bench_ppl.py --model smollm2 --data_dir ../shared/data --nwindows 4
+  python benchmarks/bench_ppl.py --model tiny --nwindows 2                          # CPU smoke run
+
+The random model evaluates random token windows (timing only; its PPL means nothing). The online Hadamard
+overhead is the eval time of `ffn_had` over `rtn` (both W4A4KV4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Timer, osp_1p4b_config, random_model, save  # noqa: E402
+
+from osp_eval import preset, quantize_  # noqa: E402
+from osp_eval.ppl import perplexity  # noqa: E402
+
+METHODS = {
+    "fp": dict(),
+    "rtn": dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn"),
+    "ffn_had": dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn", rotate_down_proj=True),
+    "quarot_rtn": dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn", rotate=True),
+    "w16a4": dict(a_bits=4, k_bits=4, v_bits=4),
+    "w16a4_had": dict(a_bits=4, k_bits=4, v_bits=4, rotate_down_proj=True),
+}
+
+
+def build(args, device, dtype):
+    if args.model in ("random-osp-1.4b", "tiny"):
+        return random_model(osp_1p4b_config(tiny=args.model == "tiny"), dtype, device), None
+    from osp_eval.models import load_model
+
+    return load_model(args.model, dtype=dtype, device=device)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="random-osp-1.4b")
+    p.add_argument("--methods", default="fp,rtn,ffn_had,w16a4,w16a4_had")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--nwindows", type=int, default=40)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--repeats", type=int, default=2, help="timed passes; the best is reported")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    for name in args.methods.split(","):
+        model, tok = build(args, device, dtype)
+        vocab = model.config.vocab_size
+        if tok is not None and args.data_dir:
+            from osp_eval.data import tokenize_text, wikitext2_text
+
+            ids = tokenize_text(tok, wikitext2_text("test", args.data_dir))
+        else:
+            ids = torch.randint(0, vocab, (args.nwindows * args.seqlen,), generator=torch.Generator().manual_seed(0))
+        cfg = preset("osp", **METHODS[name])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        with Timer() as tq:
+            quantize_(model, cfg, progress=False)
+        perplexity(model, ids, args.seqlen, args.batch_size, max_windows=args.batch_size, progress=False)  # warm-up
+        best = None
+        for _ in range(args.repeats):
+            r = perplexity(model, ids, args.seqlen, args.batch_size, max_windows=args.nwindows, progress=False)
+            best = r if best is None or r["eval_seconds"] < best["eval_seconds"] else best
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        row = {"method": name, "quantize_seconds": tq.seconds, "eval_seconds": best["eval_seconds"],
+               "tokens": best["tokens"], "tokens_per_second": best["tokens_per_second"], "ppl": best["ppl"],
+               "peak_gib": peak}
+        rows.append(row)
+        print(f"{name:12s} quantize {tq.seconds:7.2f}s  eval {best['eval_seconds']:7.2f}s  "
+              f"{best['tokens_per_second']:10.0f} tok/s  ppl {best['ppl']:.3f}  peak {peak} GiB", flush=True)
+        del model
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    by = {r["method"]: r for r in rows}
+    for a, b in (("rtn", "ffn_had"), ("w16a4", "w16a4_had")):
+        if a in by and b in by:
+            print(f"online Hadamard overhead ({b} vs {a}): {by[b]['eval_seconds'] / by[a]['eval_seconds'] - 1:+.1%}")
+    slug = Path(args.model).stem.replace(".", "_")
+    save(f"bench_ppl_{slug}_{device}", {"args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
