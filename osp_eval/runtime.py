@@ -99,9 +99,9 @@ class KSpec:
         if self.rotate:
             from .hadamard import hadamard_transform
 
-            # The reference computes this Hadamard in fp32 and casts back.
-            query = hadamard_transform(query.float()).to(query.dtype)
-            key = hadamard_transform(key.float()).to(key.dtype)
+            # The reference computes this Hadamard in fp32 (for half-precision inputs) and casts back.
+            query = hadamard_transform(query, fp32=True)
+            key = hadamard_transform(key, fp32=True)
         return query, self.act(key)
 
 
