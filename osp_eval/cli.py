@@ -33,11 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--batch_size", type=int, default=4)
     pp.add_argument("--max_windows", type=int, default=None, help="evaluate only the first N windows (smoke tests)")
     pp.set_defaults(func=_ppl)
+    from . import table
+
+    table.add_cli(sub)
     return p
 
 
 def run(func, args) -> int:
     """Run a CLI action: user errors become one line on stderr and exit code 2."""
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     try:
         func(args)
     except OspEvalError as e:

@@ -126,8 +126,22 @@ def run_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", 
         **res,
         "batch_size": batch_size,
     }
-    slug = model_slug(model_name, gguf_file)
-    key = cell_key(config=cfg.to_dict(), seqlen=seqlen, max_windows=max_windows, dtype=info["dtype"])
-    stem = f"{method}_w{cfg.w_bits}a{cfg.a_bits}kv{cfg.k_bits}_{key}"
-    record["result_path"] = str(save_result(record, Path(output_dir) / "ppl" / slug, stem))
+    path = ppl_result_path(output_dir, model_name, cfg, gguf_file=gguf_file, seqlen=seqlen, max_windows=max_windows,
+                           dtype=info["dtype"])
+    record["result_path"] = str(save_result(record, path.parent, path.stem))
     return record
+
+
+def ppl_result_path(output_dir, model_name: str, cfg: QuantConfig, *, gguf_file=None, seqlen=2048,
+                    max_windows=None, dtype="auto", device=None) -> Path:
+    """Where a PPL cell's JSON lives: `OUTPUT/ppl/<model>/<method>_w{W}a{A}kv{KV}_<hash>.json`.
+
+    Every entry point (scripts/, osp-eval ppl, osp-eval table) names cells this way, so they reuse each other's.
+    The hash covers the full config, the windowing and the dtype.
+    """
+    from .models import default_device, resolve_dtype
+
+    dt = str(resolve_dtype(dtype, device or default_device())).replace("torch.", "")
+    key = cell_key(config=cfg.to_dict(), seqlen=seqlen, max_windows=max_windows, dtype=dt)
+    stem = f"{method_name(cfg)}_w{cfg.w_bits}a{cfg.a_bits}kv{cfg.k_bits}_{key}"
+    return Path(output_dir) / "ppl" / model_slug(model_name, gguf_file) / f"{stem}.json"
