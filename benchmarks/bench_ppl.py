@@ -87,7 +87,7 @@ def main():
     for a, b in (("rtn", "ffn_had"), ("w16a4", "w16a4_had")):
         if a in by and b in by:
             print(f"online Hadamard overhead ({b} vs {a}): {by[b]['eval_seconds'] / by[a]['eval_seconds'] - 1:+.1%}")
-    slug = Path(args.model).stem.replace(".", "_")
+    slug = Path(args.model).name.removesuffix(".gguf").replace(".", "_")
     save(f"bench_ppl_{slug}_{device}", {"args": vars(args), "rows": rows})
 
 
