@@ -153,3 +153,18 @@ def test_loaded_rotation_file_is_used_and_invariant(stories, tmp_path):
     ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(7))
     _check(model, preset("osp", rotate=True, center_embeddings=False, optimized_rotation_path=str(tmp_path / "R.bin")),
            ids)
+
+
+def test_size_without_hadamard_is_a_clear_error():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=100, num_hidden_layers=1, num_attention_heads=4,
+                      vocab_size=64)
+    model = LlamaForCausalLM(cfg).eval()
+    with pytest.raises(OspEvalError, match="no Hadamard construction for intermediate"):
+        quantize_(model, preset("osp", rotate_down_proj=True), progress=False)
+    with pytest.raises(OspEvalError, match="num_heads"):  # QuaRot-paper o_proj mode needs H of size heads
+        quantize_(LlamaForCausalLM(cfg.__class__(**{**cfg.to_dict(), "num_attention_heads": 10,
+                                                     "num_key_value_heads": 10, "intermediate_size": 96,
+                                                     "hidden_size": 80})).eval(),
+                  preset("quarot_paper", rotate=True, w_method="rtn"), progress=False)
