@@ -1,0 +1,535 @@
+"""`lighteval_ptq.py` / `osp-eval lighteval`: quantize a model in memory and run the reference's benchmarks
+through the real lighteval 0.13 pipeline.
+
+Glue and shims (each narrow, each explained where it lives):
+- the in-memory model goes in through `TransformersModel.from_model`, subclassed to load our tokenizer
+  (GGUF included) and to score log-likelihoods in length-sorted batches (see `OspLightevalModel`);
+- a fresh `cache_dir` per evaluation: lighteval's SampleCache keys outputs on the model *config*, so a
+  second quantized model with the same config would get the first one's answers;
+- the task registry sees only our tasks (`_only_our_tasks`);
+- xxhash >= 4 rejects `str` in lighteval's loggers: pinned `<4` in the extra, wrapped if newer (`_xxhash_shim`);
+- local data (`--data_dir`, or $OSP_EVAL_DATA): each task's files are converted once into a dataset folder under
+  ~/.cache/osp-eval/lighteval-data (`lighteval_tasks.write_local`), and lighteval loads that folder as `hf_repo`.
+
+Outputs, under OUTPUT_DIR/lighteval/<model>/: `<method>_w..a..kv.._<key>.json` (our summary: per-task
+metric, the benchmark averages, the quantization config, timings) and a folder of the same name holding
+lighteval's own results JSON (and per-sample details with --save_details).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import OspEvalError
+
+REPO_TASKS = Path(__file__).resolve().parents[1] / "tasks" / "tasks.txt"
+DEFAULT_BATCH = 32
+
+
+# ---------------------------------------------------------------- tasks file
+
+
+def parse_tasks(spec: str) -> list[tuple[str, int]]:
+    """`--tasks`: a file of lines `suite|task|shots|truncate` (the reference's format; `task|shots` and
+    `task` also work), or the same entries separated by commas. Returns [(task, shots)] in order."""
+    looks_like_file = spec.endswith(".txt") or os.sep in spec or Path(spec).exists()
+    if looks_like_file and not Path(spec).is_file():
+        raise OspEvalError(f"--tasks file not found: {spec}")
+    from .lighteval_tasks import TASKS  # imports lighteval (slow): after the cheap check
+
+    if looks_like_file:
+        entries = [s.strip() for s in Path(spec).read_text().split("\n")]
+        entries = [s for s in entries if s and not s.startswith("#")]
+    else:
+        entries = [s.strip() for s in spec.split(",") if s.strip()]
+    if not entries:
+        raise OspEvalError(f"--tasks {spec!r} names no task")
+    out = []
+    for e in entries:
+        parts = e.split("|")
+        if len(parts) > 4:
+            raise OspEvalError(f"bad task entry {e!r}: use suite|task|shots|truncate, task|shots or task")
+        if len(parts) == 4:  # the truncate flag is ignored: lighteval 0.13 has no few-shot truncation (an
+            parts = parts[1:3]  # over-long prompt is cut from the left to max_length instead)
+        elif len(parts) == 3:
+            parts = parts[1:]
+        name, shots = parts[0], (parts[1] if len(parts) > 1 else "0")
+        if name not in TASKS:
+            raise OspEvalError(f"unknown task {name!r} in --tasks: known tasks are {', '.join(TASKS)}")
+        if not shots.isdigit():
+            raise OspEvalError(f"bad task entry {e!r}: the few-shot count must be a number (suite|task|shots|truncate)")
+        if (name, int(shots)) not in out:
+            out.append((name, int(shots)))
+    return out
+
+
+# ---------------------------------------------------------------- shims
+
+
+def _xxhash_shim() -> None:
+    """xxhash 4 requires bytes; lighteval 0.13's loggers hash `str`. Pinning `xxhash<4` is the fix (the
+    `lighteval` extra does it); if a newer one is installed anyway, hand lighteval an encoding wrapper."""
+    import xxhash
+    from lighteval.logging import info_loggers
+
+    if int(xxhash.VERSION.split(".")[0]) < 4 or getattr(info_loggers.xxhash, "osp_shim", False):
+        return
+
+    def xxh64(data="", *args, **kw):
+        return xxhash.xxh64(data.encode() if isinstance(data, str) else data, *args, **kw)
+
+    info_loggers.xxhash = types.SimpleNamespace(xxh64=xxh64, osp_shim=True)
+
+
+@contextlib.contextmanager
+def _only_our_tasks():
+    """lighteval 0.13's Registry imports every built-in task module. Some fail offline (tiny_benchmarks
+    downloads at import; mt_bench/mix_eval call a changed huggingface_hub API), and built-in names clash
+    with the reference's (arc:easy, gsm8k, ...). We use none of them: while the pipeline is built, the
+    registry's loader returns just our custom-tasks module."""
+    from lighteval.tasks.registry import Registry
+
+    original = Registry.__dict__["load_all_task_configs"]
+
+    def ours(custom_tasks=None, load_multilingual=False):
+        return Registry._extract_configs(Registry.create_custom_tasks_module(custom_tasks))
+
+    Registry.load_all_task_configs = staticmethod(ours)
+    try:
+        yield
+    finally:
+        Registry.load_all_task_configs = original
+
+
+@contextlib.contextmanager
+def _quiet_datasets(arrow_cache: str | None = None):
+    """`datasets` draws a progress bar per split of every task: noise next to ours. With `arrow_cache`,
+    datasets' Arrow cache goes there too: lighteval's sample cache re-reads its parquet files through
+    `load_dataset`, which would otherwise leave new copies in ~/.cache on every run."""
+    import datasets
+
+    was_on, was_cache = datasets.is_progress_bar_enabled(), datasets.config.HF_DATASETS_CACHE
+    datasets.disable_progress_bars()
+    if arrow_cache:
+        datasets.config.HF_DATASETS_CACHE = Path(arrow_cache)
+    try:
+        yield
+    finally:
+        datasets.config.HF_DATASETS_CACHE = was_cache
+        if was_on:
+            datasets.enable_progress_bars()
+
+
+# ---------------------------------------------------------------- the lighteval model
+
+
+def _model_classes():
+    """Defined lazily: importing lighteval takes ~10 s, and `--help` or a bad argument should not wait."""
+    from lighteval.models.model_output import ModelResponse
+    from lighteval.models.transformers.transformers_model import TransformersModel, TransformersModelConfig
+
+    class OspModelConfig(TransformersModelConfig):
+        """`model_name` is a label (it names lighteval's output folders); `tokenizer` is the model folder,
+        `model_loading_kwargs["gguf_file"]` the GGUF file inside it, if any."""
+
+        def get_model_sha(self):
+            return ""  # an in-memory, modified model has no hub revision (and no network call for it)
+
+    class OspLightevalModel(TransformersModel):
+        """lighteval's TransformersModel around our in-memory model, with two changes:
+
+        - the tokenizer comes from osp_eval's loader (GGUF too), left-padded as lighteval's own;
+        - log-likelihoods: one row per (doc, choice), all rows sorted by length, longest first, and packed
+          into forward passes of at most `batch_size` x `max_length` tokens (so `batch_size` rows of full
+          length, and many more short ones: short multiple-choice rows keep a GPU as busy as long ones).
+          Rows are right-padded (causal, so padding never reaches a real position; every row starts at
+          position 0). Only the positions that predict continuation tokens go through lm_head, and only
+          each row's own ones through an fp32 log-softmax. On CUDA OOM the token budget halves.
+          Context and continuation are tokenized together and split (lighteval's
+          `pairwise_tokenization=False`, as the reference's 0.9 did); lighteval 0.13's own loop always
+          tokenizes them separately.
+        """
+
+        show_progress = True
+
+        @property
+        def disable_tqdm(self) -> bool:
+            return not self.show_progress
+
+        def _create_auto_tokenizer(self):
+            from .models import load_tokenizer
+
+            tok = load_tokenizer(self.config.tokenizer, self.config.model_loading_kwargs.get("gguf_file"))
+            tok.padding_side = "left"
+            tok.truncation_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            tok.model_max_length = self.max_length
+            return tok
+
+        def _loglikelihood_tokens(self, docs, rolling=False):
+            if rolling:
+                raise NotImplementedError("perplexity tasks are not supported here: use `osp-eval ppl`")
+            rows, first = [], []  # rows: (doc index, choice index, context, continuation); first: doc's 1st row
+            for i, doc in enumerate(docs):
+                first.append(len(rows))
+                ctx = self.prompt_manager.prepare_prompt(doc)
+                ctx_toks, cont_toks = self.tok_encode_pair(ctx, doc.choices, pairwise=self.pairwise_tokenization)
+                rows += [(i, j, list(c), list(t)) for j, (c, t) in enumerate(zip(ctx_toks, cont_toks))]
+            order = sorted(range(len(rows)), key=lambda k: -(len(rows[k][2]) + len(rows[k][3])))
+            scores = {}
+            budget = (self.config.batch_size or DEFAULT_BATCH) * self.max_length  # tokens per forward pass
+            bar = tqdm(total=len(rows), desc="loglikelihood", unit="seq", disable=self.disable_tqdm)
+            pos = 0
+            while pos < len(order):
+                longest = min(len(rows[order[pos]][2]) + len(rows[order[pos]][3]) - 1, self.max_length)
+                batch = [rows[k] for k in order[pos: pos + max(1, budget // max(longest, 1))]]
+                try:
+                    out = self._score_rows(batch)
+                except torch.cuda.OutOfMemoryError:
+                    if len(batch) == 1:
+                        raise
+                    budget = len(batch) * longest // 2
+                    torch.cuda.empty_cache()
+                    continue
+                for (i, j, _, _), r in zip(batch, out):
+                    scores[i, j] = r
+                pos += len(batch)
+                bar.update(len(batch))
+            bar.close()
+            responses = []
+            for i, doc in enumerate(docs):
+                per = [scores[i, j] for j in range(len(doc.choices))]
+                responses.append(ModelResponse(
+                    logprobs=[p[0] for p in per], argmax_logits_eq_gold=[p[1] for p in per],
+                    input_tokens=rows[first[i]][2],
+                    output_tokens=[rows[first[i] + j][3] for j in range(len(doc.choices))],
+                    truncated_tokens_count=max(p[2] for p in per)))
+            return responses
+
+        @torch.no_grad()
+        def _score_rows(self, batch):
+            """[(logprob sum, greedy == continuation, tokens cut)] for rows of (i, j, context, continuation)."""
+            seqs, conts, cut = [], [], []
+            for _, _, ctx, cont in batch:
+                whole = ctx + cont
+                seq = whole[-(self.max_length + 1):][:-1]  # the last token is only a target
+                cont = cont[-len(seq):] if len(cont) > len(seq) else cont
+                seqs.append(seq)
+                conts.append(cont)
+                cut.append(max(0, len(whole) - 1 - len(seq)))
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s)
+            lo = min(len(s) - len(c) for s, c in zip(seqs, conts))
+            hi = max(len(s) for s in seqs)
+            keep = torch.arange(lo, hi, device=self.device)
+            logits = self.model(input_ids=ids.to(self.device), logits_to_keep=keep).logits
+            out = []
+            for r, (s, c) in enumerate(zip(seqs, conts)):
+                start = len(s) - len(c) - lo
+                logp = F.log_softmax(logits[r, start: start + len(c)].float(), dim=-1)
+                target = torch.tensor(c, device=logp.device)
+                total = logp.gather(-1, target[:, None]).sum().item()
+                out.append((total, bool((logp.argmax(-1) == target).all()), cut[r]))
+            return out
+
+    return OspModelConfig, OspLightevalModel
+
+
+# ---------------------------------------------------------------- data
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("OSP_EVAL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "osp-eval")
+    return Path(base).expanduser()
+
+
+def _local_configs(names: list[str], data_dir: Path, progress: bool) -> tuple[list, dict, dict]:
+    """Task configs on local files, each converted once per (its data files, the converter format) into the
+    osp-eval cache: a stable folder, so `datasets` reuses its own Arrow cache. Missing data -> listed skip."""
+    from . import lighteval_tasks as lt
+
+    configs, skipped, notes = [], {}, {}
+    for n in tqdm(names, desc="local data", disable=not progress):
+        stamp = hashlib.sha1(f"format {lt.LOCAL_FORMAT}".encode())
+        for rel in lt.LOCAL[n].files:
+            for p in sorted(data_dir.glob(rel.replace("<subject>", "*"))):
+                st = p.stat()
+                stamp.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        folder = _cache_root() / "lighteval-data" / f"{lt.folder_name(n)}-{stamp.hexdigest()[:12]}"
+        try:
+            configs.append(_converted(n, data_dir, folder))
+        except lt.MissingData as e:
+            skipped[n] = str(e)
+            continue
+        if lt.LOCAL[n].not_exact:
+            notes[n] = lt.LOCAL[n].not_exact
+    return configs, skipped, notes
+
+
+def _converted(name: str, data_dir: Path, folder: Path):
+    from .lighteval_tasks import local_config, write_local
+
+    if not (folder / "README.md").is_file():
+        tmp = Path(tempfile.mkdtemp(dir=_mkdir(folder.parent), prefix=".tmp-"))
+        try:
+            written = write_local(name, data_dir, tmp)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(written, folder)  # atomic: a concurrent run never reads half a folder
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return local_config(name, folder)
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None, dtype="auto", device=None,
+                  data_dir=None, max_samples=None, batch_size=DEFAULT_BATCH, max_length=None,
+                  output_dir="results", save_details=False, progress=True) -> dict:
+    """Quantize `model_name` by `cfg` in memory, evaluate `tasks` with lighteval, write lighteval's JSON and
+    our summary. Returns the summary record."""
+    from .data import data_dir as resolve_data_dir
+    from .models import load_config, resolve_model
+    from .pipeline import load_and_quantize, method_name, model_slug
+    from .results import cell_key, save_result
+
+    t_start = time.perf_counter()
+    wanted = parse_tasks(tasks)  # fail fast on bad input, before the model loads
+    if max_samples is not None and max_samples <= 0:
+        raise OspEvalError(f"--max_samples {max_samples} must be positive")
+    if batch_size <= 0:
+        raise OspEvalError(f"--batch_size {batch_size} must be positive")
+    cfg.validate()
+    ddir = resolve_data_dir(data_dir)
+    if ddir is None and _offline():
+        raise OspEvalError("offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): pass --data_dir DIR (or set "
+                           "$OSP_EVAL_DATA) pointing at a folder laid out like ../shared/data")
+    src, gguf_file = resolve_model(model_name, gguf_file)
+    positions = getattr(load_config(src, gguf_file).get_text_config(), "max_position_embeddings", None) or 2048
+    max_length = max_length or min(2048, positions)
+    if max_length > positions:
+        raise OspEvalError(f"--max_length {max_length} exceeds the model's {positions} positions")
+
+    from lighteval.logging.evaluation_tracker import EvaluationTracker
+    from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
+
+    from . import lighteval_tasks as lt
+
+    _xxhash_shim()
+    names = [n for n, _ in wanted]
+    if ddir is not None:
+        configs, skipped, not_exact = _local_configs(names, ddir, progress)
+    else:
+        configs, skipped, not_exact = [lt.TASKS[n] for n in names], {}, {}
+    for n, why in skipped.items():
+        print(f"osp-eval: warning: skipping {n}: {why}")
+    run_tasks = [(n, k) for n, k in wanted if n not in skipped]
+    if not run_tasks:
+        raise OspEvalError("no task left to run: " + "; ".join(skipped.values()))
+
+    model, _, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
+                                       data_dir=data_dir, progress=progress)
+    method = method_name(cfg)
+    slug = model_slug(model_name, gguf_file)
+    key = cell_key(config=cfg.to_dict(), tasks=run_tasks, max_samples=max_samples, data=str(ddir) if ddir else None,
+                   dtype=info["dtype"], max_length=max_length)
+    stem = f"{method}_w{cfg.w_bits}a{cfg.a_bits}kv{cfg.k_bits}_{key}"
+    out = Path(output_dir) / "lighteval" / slug
+    module = types.ModuleType("osp_tasks")
+    module.TASKS_TABLE = configs
+    OspModelConfig, OspLightevalModel = _model_classes()
+    cache_dir = tempfile.mkdtemp(prefix="osp-lighteval-cache-")  # fresh per evaluation: see the module doc
+    try:
+        # model_name is the same for every configuration of one model: only the fresh cache_dir keeps a
+        # quantized model from reading another one's cached answers (the test relies on that).
+        mcfg = OspModelConfig(model_name=slug, tokenizer=src, model_loading_kwargs={"gguf_file": gguf_file},
+                              batch_size=batch_size, max_length=max_length, device=str(next(model.parameters()).device),
+                              override_chat_template=False, cache_dir=cache_dir)
+        lm = OspLightevalModel.from_model(model, mcfg)
+        lm.show_progress = progress
+        tracker = EvaluationTracker(output_dir=str(out / stem), save_details=save_details)
+        params = PipelineParameters(launcher_type=ParallelismManager.NONE, custom_tasks_directory=module,
+                                    max_samples=max_samples)
+        spec = ",".join(f"{n}|{k}" for n, k in run_tasks)
+        try:
+            with _only_our_tasks(), _quiet_datasets():
+                pipeline = Pipeline(tasks=spec, pipeline_parameters=params, evaluation_tracker=tracker, model=lm)
+        except Exception as e:  # dataset loading: the hub, a revision, a local folder
+            if ddir is not None:
+                raise
+            raise OspEvalError(f"could not load the tasks' datasets from the hub ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); offline, pass --data_dir") from e
+        t_eval = time.perf_counter()
+        with _quiet_datasets(arrow_cache=os.path.join(cache_dir, "arrow")):
+            pipeline.evaluate()
+            eval_seconds = time.perf_counter() - t_eval
+            pipeline.save_and_push_results()
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+    scores = tracker.metrics_logger.metric_aggregated  # {"task|shots": {metric: value, metric_stderr: ...}}
+    per_task = {}
+    for n, k in run_tasks:
+        full = f"{n}|{k}"
+        metric, task_cfg = lt.MAIN_METRIC[n], next(c for c in configs if c.name == n)
+        per_task[n] = {
+            "metric": metric, "value": scores.get(full, {}).get(metric),
+            "stderr": scores.get(full, {}).get(f"{metric}_stderr"), "shots": k,
+            "n_samples": len(pipeline.documents_dict[full]), "n_available": len(pipeline.tasks_dict[full].eval_docs()),
+            "data": "local" if ddir is not None else "hub", "dataset": task_cfg.hf_repo,
+            "subset": task_cfg.hf_subset, "revision": task_cfg.hf_revision, "split": task_cfg.evaluation_splits[0],
+            "not_exact": not_exact.get(n),
+        }
+    bench = benchmarks(per_task)
+    record = {
+        "kind": "lighteval",
+        "model": model_name, "gguf_file": gguf_file, "method": method,
+        "bits": f"{cfg.w_bits}-{cfg.a_bits}-{cfg.k_bits}", "config": cfg.to_dict(), **info,
+        "tasks": per_task, "skipped": skipped, **bench,
+        "max_samples": max_samples, "full_splits": max_samples is None,
+        "batch_size": batch_size, "max_length": max_length, "fewshot_seed": lt.FEWSHOT_SEED,
+        "tokenization": "context+continuation tokenized together, then split",
+        "data_dir": str(ddir) if ddir else None,
+        "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - t_start,
+        "lighteval_output": str(out / stem),
+    }
+    record["result_path"] = str(save_result(record, out, stem))
+    return record
+
+
+def benchmarks(per_task: dict) -> dict:
+    """The ten OSP benchmarks from the per-task scores. ARC easy and challenge form one benchmark, their
+    unweighted mean (an assumption: the reference counts 10 benchmarks for 11 tasks and does not say how).
+
+    `average` covers only benchmarks scored on the reference's exact data and split; `average_all` also
+    covers the inexact ones (local fallbacks), so that both are visible and never silently mixed."""
+    from .lighteval_tasks import BENCHMARK
+
+    groups: dict[str, list[str]] = {}
+    for n in per_task:
+        groups.setdefault(BENCHMARK[n], []).append(n)
+    bench = {}
+    for b, members in groups.items():
+        vals = [per_task[n]["value"] for n in members]
+        if any(v is None for v in vals):
+            continue
+        partial = b == "arc" and len(members) < 2
+        bench[b] = {"value": sum(vals) / len(vals), "tasks": members,
+                    "not_exact": "; ".join(f"{n}: {per_task[n]['not_exact']}" for n in members
+                                           if per_task[n]["not_exact"]) or (
+                        "only one of the two ARC sets" if partial else None)}
+    exact = [v["value"] for v in bench.values() if not v["not_exact"]]
+    every = [v["value"] for v in bench.values()]
+    return {
+        "benchmarks": bench,
+        "average": sum(exact) / len(exact) if exact else None,
+        "average_over": [b for b, v in bench.items() if not v["not_exact"]],
+        "average_all": sum(every) / len(every) if every else None,
+        "average_is_the_ten": len(exact) == 10,
+    }
+
+
+def format_table(r: dict) -> str:
+    def pct(v):
+        return "   -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
+
+    lines = [f"{r['method']} W{r['config']['w_bits']}A{r['config']['a_bits']}KV{r['config']['k_bits']}  {r['model']}",
+             f"{'task':<16}{'metric':<18}{'value':>7}{'stderr':>8}{'n':>7}  shots  note"]
+    for n, t in r["tasks"].items():
+        n_s = "-" if t["n_samples"] is None else str(t["n_samples"])
+        note = f"NOT EXACT: {t['not_exact']}" if t["not_exact"] else ""
+        lines.append(f"{n:<16}{t['metric']:<18}{pct(t['value']):>7}{pct(t['stderr']):>8}{n_s:>7}  "
+                     f"{t['shots']:>5}  {note}")
+    for n, why in r["skipped"].items():
+        lines.append(f"{n:<16}SKIPPED  {why}")
+    lines.append("")
+    names = ", ".join(r["average_over"]) or "none"
+    ten = " (the ten benchmarks)" if r["average_is_the_ten"] else ""
+    lines.append(f"average, exact data only{ten}: {pct(r['average']).strip()}  over {len(r['average_over'])}: {names}")
+    lines.append(f"average incl. not-exact data: {pct(r['average_all']).strip()}  over {len(r['benchmarks'])} "
+                 "benchmarks (ARC = mean of easy and challenge)")
+    if not r["full_splits"]:
+        lines.append(f"PARTIAL: --max_samples {r['max_samples']} docs per task; not comparable with full runs")
+    lines.append(f"timings: quantize {r['quantize_seconds']:.1f}s, evaluate {r['eval_seconds']:.1f}s, "
+                 f"total {r['total_seconds']:.1f}s")
+    lines.append(f"summary: {r['result_path']}")
+    lines.append(f"lighteval output: {r['lighteval_output']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_lighteval_args(p: argparse.ArgumentParser) -> None:
+    from .cli_args import add_model_args, add_quant_args
+
+    add_model_args(p)
+    add_quant_args(p)
+    g = p.add_argument_group("lighteval")
+    g.add_argument("--tasks", default=str(REPO_TASKS),
+                   help="tasks file (lines suite|task|shots|truncate) or comma-separated task|shots entries")
+    g.add_argument("--no_rtn", action="store_true",
+                   help="weights by GPTQ instead of RTN (the reference's lighteval script runs RTN unless --no_rtn; "
+                        "its other weight path is GPTQ). For unquantized weights use --w_bits 16")
+    g.add_argument("--max_samples", type=int, default=None, help="evaluate only N docs per task (partial numbers)")
+    g.add_argument("--batch_size", type=int, default=DEFAULT_BATCH,
+                   help="log-likelihood passes hold up to batch_size x max_length tokens (more rows when short); "
+                        "generation runs batch_size prompts at a time")
+    g.add_argument("--max_length", type=int, default=None, help="default: min(2048, the model's max positions)")
+    g.add_argument("--save_details", action="store_true", help="also write lighteval's per-sample details")
+
+
+def weight_method(args) -> str:
+    if args.no_rtn and (args.w_rtn or args.w_method == "rtn"):
+        raise OspEvalError("--no_rtn contradicts --w_rtn / --w_method rtn")
+    return "gptq" if args.no_rtn else "rtn"
+
+
+def action(args) -> None:
+    from .cli_args import config_from_args
+
+    cfg = config_from_args(args, default_method=weight_method(args))
+    r = run_lighteval(args.model, cfg, tasks=args.tasks, gguf_file=args.gguf_file, dtype=args.dtype,
+                      device=args.device, data_dir=args.data_dir, max_samples=args.max_samples,
+                      batch_size=args.batch_size, max_length=args.max_length, output_dir=args.output_dir,
+                      save_details=args.save_details, progress=not args.no_progress)
+    print(format_table(r))
+
+
+def build_parser(prog: str = "lighteval_ptq.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Fake-quantize a model and run the OSP lighteval benchmarks")
+    add_lighteval_args(p)
+    p.set_defaults(func=action)
+    return p
+
+
+def add_cli(subparsers) -> None:
+    """Register `osp-eval lighteval ...` (same flags as lighteval_ptq.py)."""
+    p = subparsers.add_parser("lighteval", help="the OSP lighteval benchmarks on a fake-quantized model")
+    add_lighteval_args(p)
+    p.set_defaults(func=action)
