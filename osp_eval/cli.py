@@ -33,9 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--batch_size", type=int, default=4)
     pp.add_argument("--max_windows", type=int, default=None, help="evaluate only the first N windows (smoke tests)")
     pp.set_defaults(func=_ppl)
-    from . import table
+    from . import kurtosis, lighteval_run, outliers, table
 
-    table.add_cli(sub)
+    for module in (table, kurtosis, outliers, lighteval_run):
+        module.add_cli(sub)
+    try:  # rotation training may not be present in every checkout
+        from . import spinquant
+    except ImportError:
+        spinquant = None
+    if spinquant is not None and hasattr(spinquant, "add_cli"):
+        spinquant.add_cli(sub)
     return p
 
 
