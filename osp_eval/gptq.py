@@ -1,0 +1,369 @@
+"""GPTQ weight quantization (Frantar et al. 2022), as run by the reference (SpinQuant/OSP `gptq_utils.py`).
+
+`gptq_quantize_weight` is the per-Linear math (a pure function). `gptq_quantize_model` walks the decoder
+layers with calibration data: it collects each Linear's Hessian H = 2/n Σ x xᵀ of the input the Linear
+actually sees (after any online rotation), in the true-sequential order of the adapter, and replaces
+the weights by their fake-quantized values. Scales come from `quant.weight_qparams`, so RTN and GPTQ
+share one grid.
+
+Differences from the reference (the first three change nothing beyond float rounding):
+- Linears fed the same tensor (k/v/q, up/gate) share one Hessian and are quantized as one stacked
+  weight (GPTQ treats rows independently).
+- A group's calibration forward stops once the group's Linears have run.
+- Layer-call arguments (mask, positions, position_embeddings) are kept per batch, not the last batch's.
+- Dynamic groups: blocks are aligned to whole groups so a group is fitted on fully updated weights. The
+  reference fits a group that starts inside a 128-column block (groupsize < 128, e.g. 64) on weights
+  lacking that block's earlier updates; multiples of 128 agree. act_order with dynamic groups is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import get_adapter
+from .config import QuantConfig
+from .errors import OspEvalError
+from .quant import quantize_dequant, weight_qparams
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- the per-Linear math
+
+
+def _check_args(cols: int, groupsize: int, act_order: bool, static_groups: bool) -> None:
+    if groupsize > 0 and cols % groupsize:
+        raise ValueError(f"GPTQ weight groupsize {groupsize} does not divide in_features {cols}")
+    if groupsize > 0 and act_order and not static_groups:
+        # Dynamic groups would be fitted over permuted (non-contiguous) columns: not a group layout.
+        raise ValueError("GPTQ act_order with weight groups needs static_groups=True (groups are then fitted "
+                         "on the original contiguous columns before the columns are reordered)")
+
+
+def _inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ (the reference: cholesky, cholesky_inverse, cholesky upper)."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() == 0:
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if info.item() != 0:
+        raise OspEvalError("GPTQ: the damped Hessian is not positive definite: raise --percdamp or use more "
+                           "calibration samples")
+    return U
+
+
+@torch.no_grad()
+def gptq_quantize_weight(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    groupsize: int = -1,
+    sym: bool = True,
+    clip_search: bool = False,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> torch.Tensor:
+    """GPTQ-quantize W [out, in] given its input Hessian H [in, in]; returns the fake-quantized weight (W's dtype).
+
+    Per-row scales (groupsize -1) are fitted once on the original weight, never refit. Dynamic groups
+    are fitted when the loop reaches their first column, on the weights updated so far; static groups
+    are all fitted on the original weight first. Rows are independent, so Linears that share an input
+    can be stacked along rows and quantized in one call.
+    """
+    if bits >= 16:
+        return W
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"GPTQ: Hessian of shape {tuple(H.shape)} does not match in_features {cols}")
+    _check_args(cols, groupsize, act_order, static_groups)
+    W0 = W.detach().to(torch.float32, copy=True)
+    H = H.detach().to(W.device, torch.float32, copy=True)
+
+    if groupsize <= 0:  # the reference fits these before zeroing dead columns
+        scale, zero = weight_qparams(W0, bits, sym, clip_search)
+    dead = H.diagonal() == 0  # inputs that are always 0: any value works, take 0
+    H.diagonal()[dead] = 1
+    W0[:, dead] = 0
+    if groupsize > 0 and static_groups:
+        ngroups = cols // groupsize
+        gscale, gzero = weight_qparams(W0.reshape(rows * ngroups, groupsize), bits, sym, clip_search)
+        gscale, gzero = gscale.view(rows, ngroups).t().contiguous(), gzero.view(rows, ngroups).t().contiguous()
+
+    perm = None
+    if act_order:  # largest-Hessian columns first, while the most freedom is left to absorb their error
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W0, H = W0[:, perm], H[perm][:, perm]
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    U = _inverse_cholesky_upper(H)
+    del H
+    # Row i of U divided by U_ii: propagating (w - q) along it is the reference's err = (w - q)/U_ii times U[i].
+    V = U / U.diagonal()[:, None]
+    del U
+
+    # Work transposed: one weight column is then one contiguous row, updated in place.
+    Wt = W0.t().contiguous()
+    del W0
+    if groupsize > 0 and not static_groups:
+        # Blocks hold whole groups, so a group is fitted on fully updated weights.
+        blocksize = max(1, blocksize // groupsize) * groupsize
+    if groupsize <= 0:
+        s, z = scale[:, 0].contiguous(), zero[:, 0].contiguous()
+    elif static_groups:
+        group_of = [c // groupsize for c in (perm.tolist() if perm is not None else range(cols))]
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, V1 = Wt[i1:i2], V[i1:i2, i1:i2]
+        E1 = torch.empty_like(W1)  # w - q per column (V carries the 1/U_ii)
+        for i in range(i2 - i1):
+            if groupsize > 0:
+                if static_groups:
+                    g = group_of[i1 + i]
+                    s, z = gscale[g], gzero[g]
+                elif i % groupsize == 0:
+                    gs, gz = weight_qparams(W1[i : i + groupsize].t(), bits, sym, clip_search)
+                    s, z = gs[:, 0], gz[:, 0]
+            w = W1[i]
+            q = quantize_dequant(w, s, z, bits, sym)
+            torch.sub(w, q, out=E1[i])
+            W1[i + 1 :].addr_(V1[i, i + 1 :], E1[i], alpha=-1)
+            w.copy_(q)  # W1 becomes the quantized block
+        # Lazy batch update: the later columns receive this block's errors in one product.
+        Wt[i2:].addmm_(V[i1:i2, i2:].t(), E1, alpha=-1)
+
+    Q = Wt.t()
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.to(W.dtype).contiguous()
+
+
+# --------------------------------------------------------------------------- Hessians of a layer's Linears
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward early: everything needed has been seen."""
+
+
+def _new_hessian(n: int, device) -> torch.Tensor:
+    return torch.zeros(n, n, dtype=torch.float32, device=device)
+
+
+class HessianHooks:
+    """Forward hooks on a group of Linears that accumulate each input's Hessian in running-mean form.
+
+    A forward hook receives the input after the Linear's pre-hooks (e.g. an online Hadamard), i.e. what
+    the Linear really multiplies. Linears fed the very same tensor (k/v/q, up/gate) share one Hessian.
+    Once every Linear of the group has run, the hook stops the layer's forward: the rest cannot change
+    these inputs (each Linear runs once per forward in the Llama layout).
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], stop_early: bool = True):
+        self.linears = linears
+        self.stop_early = stop_early
+        self.hessians: dict[str, torch.Tensor] = {}  # keyed by the first role that saw each input
+        self.nsamples: dict[str, int] = {}
+        self.key_of: dict[str, str] = {}  # role -> key of its Hessian
+        self._seen: list[tuple[torch.Tensor, str]] = []  # this forward's inputs, for identity checks
+        self._called: set[str] = set()
+        self.handles = [lin.register_forward_hook(partial(self._hook, role)) for role, lin in linears.items()]
+
+    def _hook(self, role: str, module: nn.Module, args, output) -> None:
+        x = args[0]
+        key = next((k for t, k in self._seen if t is x), None)
+        if key is None:
+            key = role
+            self._seen.append((x, key))
+            self._accumulate(key, x)
+        if self.key_of.setdefault(role, key) != key:
+            raise RuntimeError(f"GPTQ: the input of {role} is shared differently between calibration batches")
+        self._called.add(role)
+        if self.stop_early and len(self._called) == len(self.linears):
+            raise _StopForward
+
+    def _accumulate(self, key: str, x: torch.Tensor) -> None:
+        b = x.shape[0] if x.dim() > 2 else 1  # windows in this batch
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = self.nsamples.get(key, 0)
+        H = self.hessians.get(key)
+        if H is None:
+            H = self.hessians[key] = _new_hessian(x.shape[1], x.device)
+        # H <- n/(n+b)·H + 2/(n+b)·Σ x xᵀ over the batch's tokens: the reference's running mean.
+        H.addmm_(x.t(), x, beta=n / (n + b), alpha=2 / (n + b))
+        self.nsamples[key] = n + b
+
+    def start_forward(self) -> None:
+        self._seen.clear()
+        self._called.clear()
+
+    def groups(self) -> dict[str, list[str]]:
+        """Hessian key -> the roles that share it, in the group's order."""
+        out: dict[str, list[str]] = {}
+        for role in self.linears:
+            if role not in self.key_of:
+                raise OspEvalError(f"GPTQ: {role} was never called during calibration")
+            out.setdefault(self.key_of[role], []).append(role)
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self._seen.clear()
+
+
+# --------------------------------------------------------------------------- the model walk
+
+
+def _to(obj, device):
+    """Move the tensors inside nested tuples/lists/dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _capture_inputs(model: nn.Module, first_layer: nn.Module, calib_ids: torch.Tensor, bs: int, device):
+    """Hidden states entering the first decoder layer [nsamples, seqlen, hidden] (on `device`), and the
+    other arguments of that call, one entry per batch (masks and positions are per batch)."""
+    inps, calls = None, []
+
+    def hook(module, args, kwargs):
+        nonlocal inps
+        kwargs = dict(kwargs)
+        x = args[0] if args else kwargs.pop("hidden_states")
+        if inps is None:
+            inps = torch.empty((len(calib_ids), *x.shape[1:]), dtype=x.dtype, device=device)
+        start = sum(c[0] for c in calls)
+        inps[start : start + len(x)] = x
+        calls.append((len(x), _to(tuple(args[1:]), device), _to(kwargs, device)))
+        raise _StopForward
+
+    embed_device = get_adapter(model).embed(model).weight.device
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, len(calib_ids), bs):
+            try:
+                model(input_ids=calib_ids[i : i + bs].to(embed_device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return inps, calls
+
+
+def _run_layer(layer: nn.Module, inps: torch.Tensor, calls, out: torch.Tensor | None = None, hooks=None) -> None:
+    """Run the layer on all windows, batch by batch, as the model calls it; write the outputs to `out`."""
+    start = 0
+    for n, args, kwargs in calls:
+        if hooks is not None:
+            hooks.start_forward()
+        try:
+            y = layer(inps[start : start + n], *args, **kwargs)
+            if out is not None:
+                out[start : start + n] = y[0] if isinstance(y, (tuple, list)) else y
+        except _StopForward:
+            pass
+        start += n
+    if hooks is not None:
+        hooks.start_forward()  # drop the references to the last batch's inputs
+
+
+def _quantize_group(layer: nn.Module, linears: dict[str, nn.Linear], inps, calls, cfg: QuantConfig) -> None:
+    hooks = HessianHooks(linears)
+    try:
+        _run_layer(layer, inps, calls, hooks=hooks)
+    finally:
+        hooks.remove()
+    for key, roles in hooks.groups().items():
+        H = hooks.hessians.pop(key)
+        weights = [linears[r].weight for r in roles]
+        W = torch.cat(weights) if len(weights) > 1 else weights[0]
+        Q = gptq_quantize_weight(W, H, cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip, cfg.percdamp,
+                                 act_order=cfg.act_order, static_groups=cfg.static_groups)
+        del H, W
+        if not torch.isfinite(Q).all():
+            raise OspEvalError(f"GPTQ produced non-finite weights for {'/'.join(roles)}: raise --percdamp")
+        for w, q in zip(weights, Q.split([w.shape[0] for w in weights])):
+            w.data.copy_(q)
+        del Q
+
+
+def _validate(model: nn.Module, cfg: QuantConfig, calib_ids) -> None:
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.is_floating_point():
+        raise OspEvalError("GPTQ calibration data must be a [nsamples, seqlen] tensor of token ids")
+    maxpos = getattr(model.config, "max_position_embeddings", None)
+    if maxpos is not None and calib_ids.shape[1] > maxpos:
+        raise OspEvalError(f"--calib_seqlen {calib_ids.shape[1]} exceeds this model's max_position_embeddings "
+                           f"({maxpos})")
+    ad = get_adapter(model)
+    for role, lin in ad.linears(ad.layers(model)[0]).items():
+        try:
+            _check_args(lin.in_features, cfg.w_groupsize, cfg.act_order, cfg.static_groups)
+        except ValueError as e:
+            raise OspEvalError(f"{e} ({role}_proj)") from None
+
+
+@torch.no_grad()
+def gptq_quantize_model(
+    model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True, batch_size: int | None = None
+) -> dict:
+    """GPTQ all decoder-layer Linears of `model` in place, layer by layer (lm_head and embeddings stay).
+
+    A model on the GPU stays there. A model on the CPU with a GPU present is processed one layer at a time
+    on the GPU (the activations stay on the GPU). Windows go through the layers in batches of
+    `batch_size` (default `cfg.extra["gptq_batch_size"]`, else 8 on GPU, 4 on CPU); the Hessians do
+    not depend on it. Returns timing stats (also left on `model.osp_gptq_stats`).
+    """
+    if cfg.w_bits >= 16:
+        return {}
+    _validate(model, cfg, calib_ids)
+    ad = get_adapter(model)
+    layers = ad.layers(model)
+    home = next(layers[0].parameters()).device
+    offload = home.type == "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda") if offload else home
+    bs = batch_size or cfg.extra.get("gptq_batch_size") or (8 if device.type == "cuda" else 4)
+
+    t_start = time.perf_counter()
+    inps, calls = _capture_inputs(model, layers[0], calib_ids, bs, device)
+    outs = torch.empty_like(inps)
+    layer_seconds = []
+    bar = tqdm(layers, desc="GPTQ", disable=not progress, leave=False)
+    for layer in bar:
+        t0 = time.perf_counter()
+        if offload:
+            layer.to(device)
+        linears = ad.linears(layer)
+        for group in ad.sequential_groups:
+            _quantize_group(layer, {r: linears[r] for r in group}, inps, calls, cfg)
+        _run_layer(layer, inps, calls, out=outs)  # the quantized layer feeds the next one
+        if offload:
+            layer.to(home)
+        inps, outs = outs, inps
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        layer_seconds.append(time.perf_counter() - t0)
+        bar.set_postfix(layer_s=f"{layer_seconds[-1]:.1f}")
+    del inps, outs, calls
+    stats = {
+        "seconds": time.perf_counter() - t_start,
+        "layer_seconds": layer_seconds,
+        "batch_size": bs,
+        "offload": offload,
+        "nsamples": int(calib_ids.shape[0]),
+        "seqlen": int(calib_ids.shape[1]),
+    }
+    log.info("GPTQ: %d layers in %.1f s (%.2f s per layer)", len(layers), stats["seconds"],
+             sum(layer_seconds) / max(1, len(layer_seconds)))
+    model.osp_gptq_stats = stats
+    return stats
