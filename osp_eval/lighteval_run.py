@@ -310,7 +310,8 @@ def _offline() -> bool:
 
 def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None, dtype="auto", device=None,
                   data_dir=None, max_samples=None, batch_size=DEFAULT_BATCH, max_length=None,
-                  output_dir="results", save_details=False, progress=True) -> dict:
+                  output_dir="results", save_details=False, progress=True, save_qmodel_path=None,
+                  load_qmodel_path=None) -> dict:
     """Quantize `model_name` by `cfg` in memory, evaluate `tasks` with lighteval, write lighteval's JSON and
     our summary. Returns the summary record."""
     from .data import data_dir as resolve_data_dir
@@ -353,7 +354,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         raise OspEvalError("no task left to run: " + "; ".join(skipped.values()))
 
     model, _, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
-                                       data_dir=data_dir, progress=progress)
+                                       data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
+                                       load_qmodel_path=load_qmodel_path)
     method = method_name(cfg)
     slug = model_slug(model_name, gguf_file)
     key = cell_key(config=cfg.to_dict(), tasks=run_tasks, max_samples=max_samples, data=str(ddir) if ddir else None,
@@ -517,7 +519,8 @@ def action(args) -> None:
     r = run_lighteval(args.model, cfg, tasks=args.tasks, gguf_file=args.gguf_file, dtype=args.dtype,
                       device=args.device, data_dir=args.data_dir, max_samples=args.max_samples,
                       batch_size=args.batch_size, max_length=args.max_length, output_dir=args.output_dir,
-                      save_details=args.save_details, progress=not args.no_progress)
+                      save_details=args.save_details, progress=not args.no_progress,
+                      save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path)
     print(format_table(r))
 
 
