@@ -18,13 +18,20 @@ def _maxq(bits: int, sym: bool) -> int:
     return 2 ** (bits - 1) - 1 if sym else 2**bits - 1
 
 
-def quantize_dequant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, sym: bool):
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round forward, identity backward (straight-through): gradients still reach x and the scale."""
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize_dequant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, sym: bool,
+                     ste: bool = False):
     """Round x onto the grid given by scale (and zero for asym) and map it back."""
+    rnd = round_ste if ste else torch.round
     if sym:
         maxq = _maxq(bits, True)
-        return torch.clamp(torch.round(x / scale), -(maxq + 1), maxq) * scale
+        return torch.clamp(rnd(x / scale), -(maxq + 1), maxq) * scale
     maxq = _maxq(bits, False)
-    return (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero) * scale
+    return (torch.clamp(rnd(x / scale) + zero, 0, maxq) - zero) * scale
 
 
 def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool):
@@ -84,8 +91,11 @@ def fake_quant_act(
     clip_ratio: float = 1.0,
     groupsize: int = -1,
     zero_in_range: bool | None = None,
+    ste: bool = False,
 ) -> torch.Tensor:
     """Dynamic activation fake quantization over the last dim: per token, or per token and group.
+
+    `ste`: differentiable through a straight-through rounding (SpinQuant's rotation training); same values.
 
     The per-token path always keeps 0 inside the range (as the reference); the groupwise path uses the
     group's own min/max unless `zero_in_range` is set (the reference's K path does that per head).
@@ -109,7 +119,7 @@ def fake_quant_act(
         amax = torch.maximum(lo.abs(), hi)
         scale = amax / _maxq(bits, True)
         scale = torch.where(amax == 0, torch.ones_like(scale), scale)
-        out = quantize_dequant(x, scale, None, bits, True)
+        out = quantize_dequant(x, scale, None, bits, True, ste)
     else:
         if zero_in_range:  # an all-zero row gets the range [-1, 1]
             both_zero = (lo == 0) & (hi == 0)
@@ -117,5 +127,6 @@ def fake_quant_act(
             scale = (hi - lo) / _maxq(bits, False)
         else:
             scale = (hi - lo).clamp(min=1e-5) / _maxq(bits, False)
-        out = quantize_dequant(x, scale, torch.round(-lo / scale), bits, False)
+        rnd = round_ste if ste else torch.round
+        out = quantize_dequant(x, scale, rnd(-lo / scale), bits, False, ste)
     return out.reshape(shape).to(dtype)

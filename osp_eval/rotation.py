@@ -136,6 +136,31 @@ def load_rotations(path: str, dims: Dims) -> tuple[torch.Tensor, list[torch.Tens
     return r1.double(), r2s
 
 
+# Pure, differentiable pieces of R1/R2 (SpinQuant training runs them on every step; apply_r1_r2 once).
+def rotate_reader(w: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
+    """Input side of the residual stream (embedding rows, q/k/v, gate/up, lm_head): W·R1."""
+    return w @ r1
+
+
+def rotate_writer(w: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
+    """Output side (o_proj, down_proj weight [out, in] or bias [out]): R1ᵀ·W."""
+    return r1.T @ w
+
+
+def rotate_v_rows(w: torch.Tensor, r2: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """v_proj weight [heads·head_dim, in]: each head's rows -> R2ᵀ·W_h."""
+    return torch.einsum("dk,hdi->hki", r2, w.view(-1, head_dim, w.shape[-1])).reshape(-1, w.shape[-1])
+
+
+def rotate_v_bias(b: torch.Tensor, r2: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (b.view(-1, head_dim) @ r2).reshape(-1)
+
+
+def rotate_o_cols(w: torch.Tensor, r2: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """o_proj weight [out, heads·head_dim]: each head's columns -> W_h·R2."""
+    return (w.view(w.shape[0], -1, head_dim) @ r2).reshape(w.shape[0], -1)
+
+
 @torch.no_grad()
 def apply_r1_r2(model: nn.Module, r1: torch.Tensor, r2s: list[torch.Tensor], o_full_hadamard: bool = False) -> None:
     ad = get_adapter(model)
@@ -144,16 +169,15 @@ def apply_r1_r2(model: nn.Module, r1: torch.Tensor, r2s: list[torch.Tensor], o_f
     device = ad.embed(model).weight.device  # float64 on the model's device: GPUs do this in seconds
     r1 = r1.double().to(device)
 
-    def reads(m: nn.Module) -> None:  # input side: W·R1
-        _set(m, m.weight.data.double() @ r1)
+    def reads(m: nn.Module) -> None:
+        _set(m, rotate_reader(m.weight.data.double(), r1))
 
-    def writes(lin: nn.Linear) -> None:  # output side: R1ᵀ·W (and the bias)
-        _set(lin, r1.T @ lin.weight.data.double())
+    def writes(lin: nn.Linear) -> None:  # the weight and the bias
+        _set(lin, rotate_writer(lin.weight.data.double(), r1))
         if lin.bias is not None:
-            lin.bias.data = (r1.T @ lin.bias.data.double()).to(lin.bias)
+            lin.bias.data = rotate_writer(lin.bias.data.double(), r1).to(lin.bias)
 
-    emb = ad.embed(model)
-    emb.weight.data = (emb.weight.data.double() @ r1).to(emb.weight)
+    reads(ad.embed(model))
     reads(ad.lm_head(model))
     for layer, r2 in zip(ad.layers(model), r2s):
         lin = ad.linears(layer)
@@ -162,19 +186,26 @@ def apply_r1_r2(model: nn.Module, r1: torch.Tensor, r2s: list[torch.Tensor], o_f
         writes(lin["o"])
         writes(lin["down"])
         r2 = r2.double().to(device)
-        # V per head: rows of each head's block -> R2ᵀ·W_h (and its bias)
         v = lin["v"]
-        wv = v.weight.data.double().view(-1, hd, dims.hidden)
-        _set(v, torch.einsum("dk,hdi->hki", r2, wv).reshape(-1, dims.hidden))
+        _set(v, rotate_v_rows(v.weight.data.double(), r2, hd))
         if v.bias is not None:
-            v.bias.data = (v.bias.data.double().view(-1, hd) @ r2).reshape(-1).to(v.bias)
-        # o_proj input columns per head: W[:, h] -> W[:, h]·R2 (or the full Hadamard, QuaRot paper)
+            v.bias.data = rotate_v_bias(v.bias.data.double(), r2, hd).to(v.bias)
+        # o_proj input columns per head (or the full Hadamard, QuaRot paper)
         o = lin["o"]
         if o_full_hadamard:
             fold_input_hadamard(o)
         else:
-            wo = o.weight.data.double().view(dims.hidden, -1, hd)
-            _set(o, (wo @ r2).reshape(dims.hidden, -1))
+            _set(o, rotate_o_cols(o.weight.data.double(), r2, hd))
+
+
+@torch.no_grad()
+def prepare_for_r1(model: nn.Module, cfg: QuantConfig) -> None:
+    """Steps 1-2 of --rotate (untie, optional embedding centring, norm fusion): what R1/R2 are applied to."""
+    untie_lm_head(model)
+    if cfg.center_embeddings:
+        w = get_adapter(model).embed(model).weight.data
+        w.sub_(w.double().mean(-1, keepdim=True).to(w.dtype))
+    fuse_norms(model)
 
 
 @torch.no_grad()
@@ -184,11 +215,7 @@ def rotate_model(model: nn.Module, cfg: QuantConfig) -> dict[str, object]:
     dims = ad.dims(model)
     online: dict[str, object] = {"down": OnlineHadamard(cfg.fp32_had)}
     if cfg.rotate:
-        untie_lm_head(model)
-        if cfg.center_embeddings:
-            w = ad.embed(model).weight.data
-            w.sub_(w.double().mean(-1, keepdim=True).to(w.dtype))
-        fuse_norms(model)
+        prepare_for_r1(model, cfg)
         r1, r2s = draw_rotations(cfg, dims, next(model.parameters()).device)
         apply_r1_r2(model, r1, r2s, o_full_hadamard=cfg.o_proj_input == "hadamard")
         if cfg.o_proj_input == "hadamard":

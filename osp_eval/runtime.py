@@ -19,9 +19,10 @@ class ActSpec:
     clip_ratio: float = 1.0
     groupsize: int = -1
     zero_in_range: bool | None = None
+    ste: bool = False  # straight-through gradients (rotation training)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_act(x, self.bits, self.sym, self.clip_ratio, self.groupsize, self.zero_in_range)
+        return fake_quant_act(x, self.bits, self.sym, self.clip_ratio, self.groupsize, self.zero_in_range, self.ste)
 
 
 class InputTransform(nn.Module):

@@ -1,0 +1,378 @@
+"""SpinQuant: learn the residual rotation R1 and the per-layer head rotations R2 against the quantized
+model's language-modelling loss (`osp-eval spinquant-train`), and save them as SpinQuant's `R.bin`.
+
+Training (SpinQuant `optimize_rotation.py`): the model is prepared as `--rotate` does before R1/R2
+(untie, optional embedding centring, norm fusion, R4 folded into down_proj), its weights stay frozen,
+and R1/R2 (random Hadamards at first, float32 or wider) are the only parameters. Every forward rotates
+the frozen weights with the current R1/R2 through the same pure functions that `--rotate` folds offline
+(rotation.rotate_*; torch parametrizations recompute them on each access), and the activation/K/V
+fake quantizers osp_eval installs for inference run with straight-through rounding. Loss: next-token
+cross-entropy. Optimiser: Cayley SGD on the Stiefel manifold (below), cosine learning rate.
+
+Evaluation is the normal path: `--rotate --optimized_rotation_path R.bin` (GPTQ or RTN weights).
+
+Memory (1.4B on one 80 GB GPU): bf16 frozen weights (2.8 GB), fp32 rotations, micro-batches of
+`micro_batch_size` windows with gradient accumulation up to `train_batch_size`, and activation
+checkpointing per decoder layer (on by default): a layer's rotated weights and quantizer intermediates
+are recomputed in backward instead of being held for all layers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from .arch import get_adapter
+from .config import QuantConfig
+from .errors import OspEvalError
+
+
+# --------------------------------------------------------------------------- Cayley SGD (pure math)
+def cayley_sgd_step(r: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, lr: float,
+                    momentum: float = 0.0, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of Cayley SGD with momentum (Li, Fuxin & Todorovic 2020, Alg. 1; SpinQuant's SGDG).
+
+    As SGDG, the rows of r form the orthonormal frame: X = rᵀ (n×p, XᵀX = I), G = ∂L/∂X = gradᵀ.
+        M  <- μ·M − G                         momentum on the descent direction
+        Ŵ  =  M·Xᵀ − ½·X·(Xᵀ·M·Xᵀ)
+        W  =  Ŵ − Ŵᵀ                          skew-symmetric; W·X is M projected onto the tangent space at X
+        α  =  min(lr, 1 / (‖W‖₁ + ε))         SGDG's step cap
+        X' =  (I − α/2·W)⁻¹ (I + α/2·W) X     Cayley retraction: exactly orthogonal for any skew W
+        M' =  W·X                             the buffer continues as a tangent vector
+    The retraction is solved in closed form (SGDG iterates its fixed point 5 times and re-orthonormalises
+    now and then), in float64, so R stays orthogonal to rounding error over many steps.
+    Returns (new r in r's dtype, new momentum buffer [n, p] in float64).
+    """
+    x = r.detach().double().T
+    m = -grad.detach().double().T
+    if buf is not None and momentum:
+        m = m + momentum * buf
+    w_hat = m @ x.T - 0.5 * x @ (x.T @ m @ x.T)
+    w = w_hat - w_hat.T
+    alpha = min(lr, 1.0 / (w.abs().sum(0).max().item() + eps))
+    eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+    x_new = torch.linalg.solve(eye - 0.5 * alpha * w, x + 0.5 * alpha * (w @ x))
+    return x_new.T.to(r.dtype), w @ x
+
+
+class CayleySGD(torch.optim.Optimizer):
+    """Cayley SGD for square orthogonal parameters (a torch optimizer, so lr schedulers work)."""
+
+    def __init__(self, params, lr: float = 1.5, momentum: float = 0.0):
+        if lr <= 0 or not 0 <= momentum < 1:
+            raise OspEvalError(f"Cayley SGD needs lr > 0 and 0 <= momentum < 1 (got lr={lr}, momentum={momentum})")
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                new, state["momentum_buffer"] = cayley_sgd_step(
+                    p, p.grad, state.get("momentum_buffer"), group["lr"], group["momentum"])
+                p.copy_(new)
+        return loss
+
+
+def cosine_lr(step: int, steps: int) -> float:
+    """HF's cosine schedule without warm-up (what SpinQuant's Trainer uses): factor at optimizer step `step`."""
+    return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+
+
+# --------------------------------------------------------------------------- rotations and the file layout
+class Rotations(nn.Module):
+    """The trainable rotations: R1 [hidden, hidden] and one R2 [head_dim, head_dim] per layer."""
+
+    def __init__(self, r1: torch.Tensor, r2s: list[torch.Tensor]):
+        super().__init__()
+        self.r1 = nn.Parameter(r1.clone())
+        self.r2 = nn.ParameterList([nn.Parameter(r.clone()) for r in r2s])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """SpinQuant's R.bin layout."""
+        d = {"R1": self.r1.detach().cpu().clone()}
+        for i, r in enumerate(self.r2):
+            d[f"model.layers.{i}.self_attn.R2"] = r.detach().cpu().clone()
+        return d
+
+
+def save_rotations(path: str | Path, state: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
+    """R.bin as a plain dict of tensors (others' loaders read it); metadata goes next to it as PATH.json."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    if meta is not None:
+        Path(f"{path}.json").write_text(json.dumps(meta, indent=1, default=str))
+    return path
+
+
+# --------------------------------------------------------------------------- the training model
+class _Rotated(nn.Module):
+    """A parametrization: the frozen tensor -> fn(tensor), recomputed (differentiably) on each access."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.fn(w)
+
+
+def _parametrize(module: nn.Module, name: str, fn, rdtype: torch.dtype) -> None:
+    # Rotate in the rotations' dtype (fp32 for a bf16 model), hand back the model's dtype.
+    parametrize.register_parametrization(module, name, _Rotated(lambda w: fn(w.to(rdtype)).to(w.dtype)))
+
+
+def _weight_ste(fn, cfg: QuantConfig):
+    """RTN weights during training: round the rotated weight, pass gradients straight through."""
+    from .quant import fake_quant_weight
+
+    def quantized(w):
+        w = fn(w)
+        q = fake_quant_weight(w.detach(), cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip)
+        return w + (q - w.detach())
+
+    return quantized
+
+
+def _set_ste(model: nn.Module) -> None:
+    for m in model.modules():
+        if hasattr(m, "osp_input"):
+            m.osp_input.act = dataclasses.replace(m.osp_input.act, ste=True)
+        if hasattr(m, "osp_output"):
+            m.osp_output.act = dataclasses.replace(m.osp_output.act, ste=True)
+        if getattr(m, "osp_k", None) is not None:
+            m.osp_k = dataclasses.replace(m.osp_k, act=dataclasses.replace(m.osp_k.act, ste=True))
+
+
+def training_config(cfg: QuantConfig) -> QuantConfig:
+    """What the model computes while R1/R2 train: cfg's activations and KV cache; weights at 16 bits when
+    GPTQ follows (SpinQuant's recipe), RTN (straight-through) when RTN follows."""
+    cfg = cfg.replace(rotate=True, rotate_down_proj=False)
+    if cfg.o_proj_input != "per_head":
+        raise OspEvalError("spinquant-train learns the per-head R2: use --o_proj_input per_head (the QuaRot-paper "
+                           "cross-head Hadamard replaces R2)")
+    if cfg.w_method == "gptq":
+        cfg = cfg.replace(w_bits=16)
+    return cfg.validate()
+
+
+def prepare_training_model(model: nn.Module, cfg: QuantConfig, r1: torch.Tensor | None = None,
+                           r2s: list[torch.Tensor] | None = None) -> Rotations:
+    """Turn a freshly loaded model into the training model, in place; return its trainable Rotations.
+
+    R1/R2 default to what `--rotate` would draw (random Hadamards seeded by cfg.rotation_seed, or the
+    file in cfg.optimized_rotation_path: a warm start).
+    """
+    from .apply import check_compatible, install_activation_quant, install_kv_quant
+    from .rotation import (OnlineHadamard, draw_rotations, fold_input_hadamard, prepare_for_r1, rotate_o_cols,
+                           rotate_reader, rotate_v_bias, rotate_v_rows, rotate_writer)
+
+    cfg = training_config(cfg)
+    ad = get_adapter(model)
+    dims = check_compatible(model, cfg)
+    weight = ad.embed(model).weight
+    rdtype = torch.promote_types(torch.float32, weight.dtype)  # fp32 for bf16 models, fp64 for fp64 ones
+    if r1 is None or r2s is None:
+        r1, r2s = draw_rotations(cfg, dims, weight.device)
+    rot = Rotations(r1.to(weight.device, rdtype), [r.to(weight.device, rdtype) for r in r2s]).requires_grad_(True)
+
+    model.requires_grad_(False)
+    prepare_for_r1(model, cfg)
+    hd = dims.head_dim
+    wq = (lambda fn: _weight_ste(fn, cfg)) if cfg.w_bits < 16 else (lambda fn: fn)
+    _parametrize(ad.embed(model), "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
+    _parametrize(ad.lm_head(model), "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
+    for i, layer in enumerate(ad.layers(model)):
+        lin = ad.linears(layer)
+        fold_input_hadamard(lin["down"])  # R4's offline half; commutes with R1ᵀ on the other side
+        r2 = rot.r2[i]
+        for role in ("q", "k", "gate", "up"):
+            _parametrize(lin[role], "weight", wq(lambda w: rotate_reader(w, rot.r1)), rdtype)
+        _parametrize(lin["v"], "weight", wq(lambda w, r2=r2: rotate_v_rows(rotate_reader(w, rot.r1), r2, hd)), rdtype)
+        _parametrize(lin["o"], "weight", wq(lambda w, r2=r2: rotate_o_cols(rotate_writer(w, rot.r1), r2, hd)), rdtype)
+        _parametrize(lin["down"], "weight", wq(lambda w: rotate_writer(w, rot.r1)), rdtype)
+        for role in ("o", "down"):
+            if lin[role].bias is not None:
+                _parametrize(lin[role], "bias", lambda b: rotate_writer(b, rot.r1), rdtype)
+        if lin["v"].bias is not None:
+            _parametrize(lin["v"], "bias", lambda b, r2=r2: rotate_v_bias(b, r2, hd), rdtype)
+    install_activation_quant(model, cfg, {"down": OnlineHadamard(cfg.fp32_had)})
+    install_kv_quant(model, cfg)
+    _set_ste(model)
+    for m in model.modules():  # rotation training is deterministic: no dropout in train mode
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.0
+    model.osp_config = cfg
+    return rot
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
+    """Mean next-token cross-entropy over windows (each window weighs the same)."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for mb in windows.split(batch_size):
+        mb = mb.to(device)
+        total += model(input_ids=mb, labels=mb, use_cache=False).loss.item() * len(mb)
+    return total / len(windows)
+
+
+def train_rotations(model: nn.Module, rot: Rotations, windows: torch.Tensor, *, steps: int = 100, lr: float = 1.5,
+                    momentum: float = 0.0, batch_size: int = 8, micro_batch_size: int = 1,
+                    checkpointing: bool = True, progress: bool = True) -> list[float]:
+    """Cayley SGD on `rot` for `steps` steps of `batch_size` windows (taken in order, cycling); returns the
+    loss of every step. `model` is a training model from prepare_training_model."""
+    if steps <= 0 or batch_size <= 0 or micro_batch_size <= 0:
+        raise OspEvalError("--steps, --train_batch_size and --micro_batch_size must be positive")
+    device = next(model.parameters()).device
+    opt = CayleySGD(rot.parameters(), lr=lr, momentum=momentum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
+    if checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # HF checkpoints decoder layers only in train mode
+    losses = []
+    bar = tqdm(range(steps), desc="SpinQuant", disable=not progress)
+    try:
+        for step in bar:
+            idx = torch.arange(step * batch_size, (step + 1) * batch_size) % len(windows)
+            batch = windows[idx]
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for mb in batch.split(micro_batch_size):
+                mb = mb.to(device)
+                loss = model(input_ids=mb, labels=mb, use_cache=False).loss * (len(mb) / len(batch))
+                loss.backward()
+                total += loss.item()
+            opt.step()
+            sched.step()
+            losses.append(total)
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+    finally:
+        model.eval()
+        if checkpointing and getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+    return losses
+
+
+# --------------------------------------------------------------------------- the entry point
+def _peak_memory() -> dict:
+    if torch.cuda.is_available():
+        return {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+    import resource
+
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+
+
+def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bin", steps: int = 100,
+                    lr: float = 1.5, momentum: float = 0.0, nsamples: int = 800, seqlen: int = 2048,
+                    batch_size: int = 8, micro_batch_size: int = 1, checkpointing: bool = True, gguf_file=None,
+                    dtype="auto", device=None, data_dir=None, progress: bool = True) -> dict:
+    """Load `model_name`, learn R1/R2 for `cfg` on calibration windows (cfg.calib_data), save R.bin and
+    R.bin.json (metadata: losses, time, peak memory). Returns the metadata."""
+    from .data import calibration_ids
+    from .models import load_config, load_model, resolve_model
+
+    train_cfg = training_config(cfg)
+    maxpos = getattr(load_config(*resolve_model(model_name, gguf_file)), "max_position_embeddings", None)
+    if maxpos is not None and seqlen > maxpos:
+        raise OspEvalError(f"--train_seqlen {seqlen} exceeds this model's max_position_embeddings ({maxpos})")
+    model, tok = load_model(model_name, gguf_file, dtype, device)
+    windows, calib = calibration_ids(tok, cfg.calib_data, nsamples, seqlen, cfg.seed, data_dir)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    rot = prepare_training_model(model, cfg)
+    losses = train_rotations(model, rot, windows, steps=steps, lr=lr, momentum=momentum, batch_size=batch_size,
+                             micro_batch_size=micro_batch_size, checkpointing=checkpointing, progress=progress)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    meta = {
+        "kind": "spinquant_rotations",
+        "model": model_name,
+        "gguf_file": gguf_file,
+        "config": cfg.to_dict(),
+        "training_config": train_cfg.to_dict(),
+        "init": cfg.optimized_rotation_path or f"random Hadamard, seed {cfg.rotation_seed}",
+        "steps": steps, "lr": lr, "schedule": "cosine, no warm-up", "momentum": momentum,
+        "batch_size": batch_size, "micro_batch_size": micro_batch_size, "checkpointing": checkpointing,
+        "calibration": calib,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "rotation_dtype": str(rot.r1.dtype).replace("torch.", ""),
+        "losses": losses,
+        "train_seconds": time.perf_counter() - t0,
+        **_peak_memory(),
+    }
+    meta["rotation_path"] = str(save_rotations(save_path, rot.state(), meta))
+    return meta
+
+
+def _cli(args) -> None:
+    from .cli_args import config_from_args
+
+    args.rotate = True  # spinquant-train always rotates; --optimized_rotation_path is then a warm start
+    cfg = config_from_args(args, default_method="gptq")
+    m = spinquant_train(args.model, cfg, save_path=args.save_path, steps=args.steps, lr=args.lr,
+                        momentum=args.momentum, nsamples=args.train_nsamples, seqlen=args.train_seqlen,
+                        batch_size=args.train_batch_size, micro_batch_size=args.micro_batch_size,
+                        checkpointing=args.gradient_checkpointing, gguf_file=args.gguf_file, dtype=args.dtype,
+                        device=args.device, data_dir=args.data_dir, progress=not args.no_progress)
+    mem = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k.startswith("peak_"))
+    print(f"spinquant W{cfg.w_bits}A{cfg.a_bits}KV{cfg.k_bits} {args.model}: loss {m['losses'][0]:.4f} -> "
+          f"{m['losses'][-1]:.4f} in {m['steps']} steps [{m['train_seconds']:.1f}s, {mem}]")
+    print(f"rotations: {m['rotation_path']} (metadata: {m['rotation_path']}.json)")
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register `spinquant-train` on an argparse subparsers object."""
+    from .cli_args import BOOL, add_model_args, add_quant_args
+
+    p = subparsers.add_parser(
+        "spinquant-train", help="learn SpinQuant R1/R2 rotations (Cayley SGD), save R.bin",
+        description="Learn R1/R2 for the given W/A/KV quantization (weights stay 16-bit while training when GPTQ "
+                    "follows), save SpinQuant's R.bin; evaluate with `ppl --rotate --optimized_rotation_path R.bin`. "
+                    "Here --optimized_rotation_path is a warm start; training windows come from --calib_data.")
+    add_model_args(p)
+    add_quant_args(p)
+    t = p.add_argument_group("rotation training (SpinQuant: 100 steps of 8 windows of 2048, lr 1.5, cosine)")
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--lr", type=float, default=1.5)
+    t.add_argument("--momentum", type=float, default=0.0, help="Cayley SGD momentum (SpinQuant: 0)")
+    t.add_argument("--train_nsamples", type=int, default=800, help="calibration windows (from --calib_data)")
+    t.add_argument("--train_seqlen", type=int, default=2048)
+    t.add_argument("--train_batch_size", type=int, default=8, help="windows per optimizer step")
+    t.add_argument("--micro_batch_size", type=int, default=1, help="windows per forward (gradient accumulation)")
+    t.add_argument("--gradient_checkpointing", action=BOOL, default=True, help="recompute each decoder layer")
+    t.add_argument("--save_path", default="R.bin", help="where R.bin goes (metadata: SAVE_PATH.json)")
+    p.set_defaults(func=_cli)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m osp_eval.spinquant spinquant-train MODEL ...` (the same as `osp-eval spinquant-train`)."""
+    from .cli import run
+
+    parser = argparse.ArgumentParser(prog="osp-eval")
+    add_cli(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(argv)
+    return run(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
