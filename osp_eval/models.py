@@ -96,11 +96,20 @@ def load_model(
     adapter_for_config(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, gguf_file=gguf_file, dtype=dtype, attn_implementation="sdpa"
+            # GGUF: dequantize to plain fp32 Linears (other dtypes keep packed GGUF kernels), cast below.
+            name_or_path, gguf_file=gguf_file, dtype=torch.float32 if gguf_file else dtype,
+            attn_implementation="sdpa",
         )
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path, e) from e
-    model.to(device).eval()
+    if gguf_file:  # the weights are now ordinary tensors: forget the GGUF quantizer (allows save_pretrained)
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if not getattr(model.config, "architectures", None):
+            model.config.architectures = [type(model).__name__]
+    model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     model.osp_source = {"model": name_or_path, "gguf_file": gguf_file}
     return model, load_tokenizer(name_or_path, gguf_file)

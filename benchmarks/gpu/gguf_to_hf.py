@@ -8,7 +8,6 @@ from osp_eval.models import load_model
 
 src, dst = sys.argv[1], sys.argv[2]
 model, tok = load_model(src, dtype=torch.bfloat16, device="cpu")
-model.config.architectures = ["LlamaForCausalLM"]
 model.save_pretrained(dst)
 tok.save_pretrained(dst)
 print(f"saved {dst}")
