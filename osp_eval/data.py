@@ -49,7 +49,6 @@ def wikitext2_rows(split: str = "test", data_dir_: str | None = None) -> list[st
         raise OspEvalError(
             f"WikiText-2 {split} split not found under {d}: expected {d}/wikitext-2-raw-v1/{split}.jsonl "
             '(one {"text": row} per line, rows in the order of the HF dataset)'
-            + (" — the shared offline data has no train split: use --calib_data c4" if split == "train" else "")
         )
     return _hub_rows(WIKITEXT_HUB[0], WIKITEXT_HUB[1], split, f"WikiText-2 {split}")
 
@@ -101,28 +100,35 @@ def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
         logging.set_verbosity(previous)
 
 
+def calibration_text(source: str, data_dir_: str | None = None) -> tuple[str, str]:
+    """(text, description) of a calibration source; raises before any model is loaded when it is missing."""
+    if source == "wikitext2":
+        try:
+            return wikitext2_text("train", data_dir_), "WikiText-2 raw train"
+        except OspEvalError as e:
+            raise OspEvalError(f"{e} — GPTQ/SpinQuant calibration offline: pass --calib_data c4 (the C4 sample in "
+                               "../shared/data/c4/) or --calib_data PATH") from e
+    if source == "c4":
+        return " ".join(c4_docs(data_dir_)), "C4 en validation sample (documents joined with spaces)"
+    p = Path(source)
+    if not p.is_file():
+        raise OspEvalError(f"--calib_data {source!r}: use wikitext2, c4 or a path to a .jsonl/.txt file")
+    text = "\n\n".join(read_jsonl(p)) if p.suffix == ".jsonl" else p.read_text(encoding="utf-8")
+    return text, f"file {p}"
+
+
 def calibration_ids(
-    tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, data_dir_: str | None = None
+    tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, data_dir_: str | None = None,
+    text: tuple[str, str] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """`nsamples` random windows of `seqlen` tokens, sampled as the reference (random.seed, randint).
 
+    `text` may pass an already fetched `calibration_text(...)`.
     Returns ([nsamples, seqlen] ids, a description of the source for the results file).
     """
-    if source == "wikitext2":
-        text = wikitext2_text("train", data_dir_)
-        ids = torch.tensor(_encode(tokenizer, text, True), dtype=torch.long)  # reference: default BOS
-        desc = "WikiText-2 raw train"
-    elif source == "c4":
-        text = " ".join(c4_docs(data_dir_))
-        ids = tokenize_text(tokenizer, text)
-        desc = "C4 en validation sample (documents joined with spaces)"
-    else:
-        p = Path(source)
-        if not p.is_file():
-            raise OspEvalError(f"--calib_data {source!r}: use wikitext2, c4 or a path to a .jsonl/.txt file")
-        text = "\n\n".join(read_jsonl(p)) if p.suffix == ".jsonl" else p.read_text(encoding="utf-8")
-        ids = tokenize_text(tokenizer, text)
-        desc = f"file {p}"
+    text, desc = text or calibration_text(source, data_dir_)
+    # The reference tokenises WikiText-2 train with its default BOS; other sources get no special tokens.
+    ids = torch.tensor(_encode(tokenizer, text, source == "wikitext2"), dtype=torch.long)
     n = ids.numel()
     if n <= seqlen + 1:
         raise OspEvalError(f"calibration text has {n} tokens, too few for windows of {seqlen}")

@@ -10,7 +10,7 @@ import torch
 
 from .apply import quantize_
 from .config import QuantConfig
-from .data import calibration_ids, tokenize_text, wikitext2_text
+from .data import calibration_ids, calibration_text, tokenize_text, wikitext2_text
 from .models import load_model
 from .ppl import check_seqlen, perplexity
 from .results import cell_key, save_result
@@ -76,6 +76,8 @@ def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtyp
     rotations' online parts and the activation/KV quantizers are installed as usual.
     """
     cfg.validate()
+    needs_calib = cfg.w_bits < 16 and cfg.w_method == "gptq" and not load_qmodel_path
+    calib_text = calibration_text(cfg.calib_data, data_dir) if needs_calib else None  # fail before loading
     model, tok = load_model(model_name, gguf_file, dtype, device)
     info = {"calibration": None}
     t0 = time.perf_counter()
@@ -86,9 +88,9 @@ def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtyp
         info = {**info, "loaded_from": str(load_qmodel_path)}
     else:
         calib = None
-        if cfg.w_bits < 16 and cfg.w_method == "gptq":
+        if needs_calib:
             calib, info["calibration"] = calibration_ids(tok, cfg.calib_data, cfg.nsamples, cfg.calib_seqlen,
-                                                         cfg.seed, data_dir)
+                                                         cfg.seed, data_dir, text=calib_text)
         quantize_(model, cfg, calib, progress=progress)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -69,3 +69,8 @@ def test_script_1_prints_a_finite_ppl(stories_path, tmp_path):
     rec = json.loads(next((tmp_path / "ppl" / "stories260K").glob("rtn_w4a4kv4_*.json")).read_text())
     assert rec["config"]["w_bits"] == 4 and rec["config"]["k_bits"] == 4 and rec["ppl"] == pytest.approx(ppl, 1e-3)
     assert "torch" in rec["versions"] and rec["device"]
+
+
+def test_gptq_offline_without_wikitext_train_names_c4(stories_path, data_dir):
+    r = osp_eval("ppl", stories_path, "--w_bits", "4", "--seqlen", "256", "--data_dir", data_dir)
+    assert_clean_error(r, "--calib_data c4")
