@@ -55,9 +55,12 @@ def test_rtn_8bit_barely_changes_and_4bit_hurts(which, request, data_dir):
     ids = tokenize_text(tok, wikitext2_text("test", data_dir))
     nwin = 4 if which == "stories" else 1
     base = _ppl(model, ids, nwin=nwin)
-    p8 = _ppl(quantize_(model, preset("osp", w_bits=8, a_bits=8, w_method="rtn"), progress=False), ids, nwin=nwin)
+    # The MSE clip search costs minutes for SmolLM2 on 2 CPU cores; it has its own tests in test_quant.py.
+    clip = which == "stories"
+    cfg8 = preset("osp", w_bits=8, a_bits=8, w_method="rtn", w_clip=clip)
+    p8 = _ppl(quantize_(model, cfg8, progress=False), ids, nwin=nwin)
     assert abs(p8 / base - 1) < 0.01, (base, p8)
-    cfg4 = preset("osp", w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn")
+    cfg4 = preset("osp", w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn", w_clip=clip)
     p4 = _ppl(quantize_(make()[0], cfg4, progress=False), ids, nwin=nwin)
     assert p4 > base * 1.02, (base, p4)
 
