@@ -4,10 +4,6 @@
 # are the defaults of the 'osp' preset; this script adds: --rotate
 set -euo pipefail
 if [ $# -lt 4 ]; then echo "usage: bash $0 MODEL W_BITS A_BITS KV_BITS [flags]" >&2; exit 2; fi
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PY="${OSP_EVAL_PYTHON:-$ROOT/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
-export OSP_EVAL_DATA="${OSP_EVAL_DATA:-$( [ -d "$ROOT/../shared/data" ] && echo "$ROOT/../shared/data" )}"
-[ -n "$OSP_EVAL_DATA" ] || unset OSP_EVAL_DATA
+source "$(dirname "$0")/_env.sh"
 MODEL=$1 W=$2 A=$3 KV=$4; shift 4
 exec "$PY" -m osp_eval ppl "$MODEL" --w_bits "$W" --a_bits "$A" --kv_bits "$KV" --rotate "$@"

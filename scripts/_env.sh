@@ -1,0 +1,7 @@
+# Sourced by scripts/1…5: the interpreter ($PY: .venv's, or $OSP_EVAL_PYTHON, or python3) and the data folder
+# ($OSP_EVAL_DATA, defaulting to ../shared/data when it exists).
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${OSP_EVAL_PYTHON:-$ROOT/.venv/bin/python}"
+[ -x "$PY" ] || PY=python3
+export OSP_EVAL_DATA="${OSP_EVAL_DATA:-$( [ -d "$ROOT/../shared/data" ] && echo "$ROOT/../shared/data" )}"
+[ -n "$OSP_EVAL_DATA" ] || unset OSP_EVAL_DATA
