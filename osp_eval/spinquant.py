@@ -249,6 +249,8 @@ def train_rotations(model: nn.Module, rot: Rotations, windows: torch.Tensor, *, 
     model.train()  # HF checkpoints decoder layers only in train mode
     losses = []
     bar = tqdm(range(steps), desc="SpinQuant", disable=not progress)
+    grad_mode = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)  # callers (lighteval, eval loops) may have switched autograd off globally
     try:
         for step in bar:
             idx = torch.arange(step * batch_size, (step + 1) * batch_size) % len(windows)
@@ -265,6 +267,7 @@ def train_rotations(model: nn.Module, rot: Rotations, windows: torch.Tensor, *, 
             losses.append(total)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
     finally:
+        torch.set_grad_enabled(grad_mode)
         model.eval()
         if checkpointing and getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()

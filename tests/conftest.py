@@ -18,6 +18,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _autograd_on():
+    """Some libraries (lighteval) switch autograd off globally; every test starts with it on."""
+    torch.set_grad_enabled(True)
+    yield
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> str:
     if not DATA.is_dir():
