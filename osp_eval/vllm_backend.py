@@ -1,0 +1,269 @@
+"""The vLLM fast path: run an osp-eval fake-quantized model inside a vLLM engine.
+
+The Transformers model stays the source of truth. `VllmEngine(model, tok)` starts an in-process vLLM
+engine from the model's config only (dummy weights), then `load(model)` pushes every weight of the
+(quantized, rotated) state_dict and puts the model's own InputTransform objects on vLLM's fused Linears
+as forward pre-hooks, so the online math is the same code. One engine serves many configs of one model:
+call `load` again. Notes: /work/shared/docs/ENVIRONMENT.md §4.
+
+- qkv_proj reads the one input q/k/v share: it takes their (equal) transform; gate_up_proj likewise.
+- V fake quant is an output hook on the V rows of qkv_proj. K quant (after RoPE, with the Q/K Hadamard)
+  would live in vLLM's attention backend: not supported here, use the Transformers path.
+- Hooks only run with enforce_eager=True, and lm_head never runs hooks (it is never quantized anyway).
+- Per-token log-probs come from vLLM in fp32 (logits upcast before log_softmax); the Transformers path
+  takes cross-entropy in the logits' dtype. Equal for fp32 models; bf16 runs differ slightly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import get_adapter
+from .errors import OspEvalError
+from .runtime import _input_pre_hook
+
+# Head sizes the CPU attention backend accepts (ENVIRONMENT.md §4).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _import_vllm():
+    # In-process engine: direct model access for hooks and weight pushes, and a fast start.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+    # vLLM drops torch to 1 thread unless OMP_NUM_THREADS is set; this process also runs the HF model.
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    try:
+        import vllm
+    except ImportError as e:
+        raise OspEvalError(f"--backend vllm needs vLLM: run scripts/setup_vllm.sh ({e})") from e
+    return vllm
+
+
+def _plain_cpu_gemm(layer: nn.Module, remove_weight: bool) -> None:
+    """Stand-in for vLLM's CPU GEMM dispatch: keep `layer.weight` and use F.linear.
+
+    vLLM repacks CPU weights (oneDNN) and empties `layer.weight`, so later weight pushes would be ignored.
+    """
+    layer.cpu_linear = F.linear
+
+
+def check_supported(model: nn.Module, cfg) -> None:
+    """Clear errors for what the vLLM path cannot run, before starting an engine."""
+    from vllm import ModelRegistry
+    from vllm.platforms import current_platform
+
+    if cfg is not None and cfg.k_bits < 16:
+        raise OspEvalError(
+            f"--k_bits/--kv_bits {cfg.k_bits}: K-cache quantization is supported only in the Transformers path "
+            "(--backend hf); it would need changes inside vLLM's attention backend"
+        )
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if arch not in ModelRegistry.get_supported_archs():
+        raise OspEvalError(f"vLLM cannot load architecture {arch}: use --backend hf")
+    head_dim = get_adapter(model).dims(model).head_dim
+    if current_platform.is_cpu() and head_dim not in CPU_HEAD_SIZES:
+        raise OspEvalError(
+            f"vLLM's CPU attention does not support head_dim {head_dim} (allowed: "
+            f"{', '.join(map(str, CPU_HEAD_SIZES))}): use --backend hf"
+        )
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight under its HF name, lm_head included even when tied (the engine's lm_head is untied)."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    ad = get_adapter(model)
+    sd.setdefault(f"{ad.lm_head_path}.weight", ad.lm_head(model).weight.detach())
+    return sd
+
+
+def _same(transforms: list) -> object:
+    """The one transform of a fused Linear's parts (None when none has one); they must agree."""
+    first = transforms[0]
+    for t in transforms[1:]:
+        same = (t is None) == (first is None) and (
+            t is None or (t.act == first.act and t.rotation is first.rotation and t.quant_enabled == first.quant_enabled)
+        )
+        if not same:
+            raise OspEvalError("the vLLM path needs q/k/v (and gate/up) to share one input transform")
+    return first
+
+
+def _set_input_hook(linear: nn.Module, transform) -> None:
+    if hasattr(linear, "osp_input_hook"):
+        linear.osp_input_hook.remove()
+        del linear.osp_input_hook
+        del linear.osp_input
+    if transform is not None:
+        linear.osp_input = transform
+        linear.osp_input_hook = linear.register_forward_pre_hook(_input_pre_hook)
+
+
+def _v_output_hook(module: nn.Module, args, out):
+    """Fake-quantize the V rows of the fused qkv output (vLLM Linears return (output, bias))."""
+    y, bias = out if isinstance(out, tuple) else (out, None)
+    lo = module.osp_v_start
+    y = torch.cat([y[..., :lo], module.osp_v_quant(y[..., lo:])], dim=-1)
+    return (y, bias) if isinstance(out, tuple) else y
+
+
+def _set_v_hook(qkv: nn.Module, v_quant, v_start: int) -> None:
+    if hasattr(qkv, "osp_v_hook"):
+        qkv.osp_v_hook.remove()
+        del qkv.osp_v_hook
+        del qkv.osp_v_quant
+    if v_quant is not None:
+        qkv.osp_v_quant, qkv.osp_v_start = v_quant, v_start
+        qkv.osp_v_hook = qkv.register_forward_hook(_v_output_hook)
+
+
+def _install(vmodel: nn.Module, parts: list[dict]) -> None:
+    """Runs in the engine's worker: one dict per decoder layer (see VllmEngine.load)."""
+    layers = vmodel.model.layers
+    if len(layers) != len(parts):
+        raise OspEvalError(f"vLLM model has {len(layers)} layers, the Transformers model {len(parts)}")
+    for layer, p in zip(layers, parts):
+        attn, mlp = layer.self_attn, layer.mlp
+        _set_input_hook(attn.qkv_proj, p["qkv"])
+        _set_input_hook(attn.o_proj, p["o"])
+        _set_input_hook(mlp.gate_up_proj, p["gate_up"])
+        _set_input_hook(mlp.down_proj, p["down"])
+        _set_v_hook(attn.qkv_proj, p["v_quant"], p["v_start"])
+
+
+class VllmEngine:
+    """An in-process vLLM engine shaped like one Transformers model; `load` pushes a quantized copy into it."""
+
+    def __init__(self, model: nn.Module, tokenizer, *, max_model_len: int = 2049, cfg=None, seed: int = 0):
+        vllm = _import_vllm()
+        check_supported(model, cfg if cfg is not None else getattr(model, "osp_config", None))
+        import vllm.model_executor.layers.utils as vutils
+
+        vutils.dispatch_cpu_unquantized_gemm = _plain_cpu_gemm  # looked up at load time: patch before LLM()
+        self.dtype = next(model.parameters()).dtype
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        maxpos = getattr(model.config, "max_position_embeddings", None)
+        if maxpos is not None and max_model_len > maxpos:
+            # A full window of maxpos tokens needs one more slot for the one generated token.
+            os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+        self._dir = tempfile.TemporaryDirectory(prefix="osp_vllm_")
+        config = model.config.to_dict()
+        # Rotations untie lm_head; an untied engine takes either kind (a tied model pushes lm_head = embed).
+        config["tie_word_embeddings"] = False
+        config.pop("quantization_config", None)
+        config["architectures"] = getattr(model.config, "architectures", None) or [type(model).__name__]
+        type(model.config).from_dict(config).save_pretrained(self._dir.name)
+        tokenizer.save_pretrained(self._dir.name)
+        t0 = time.perf_counter()
+        try:
+            self.llm = vllm.LLM(
+                model=self._dir.name, load_format="dummy", dtype=str(self.dtype).replace("torch.", ""),
+                enforce_eager=True,  # forward hooks run only in eager mode
+                enable_prefix_caching=False,  # cached prefixes would outlive a weight push
+                max_model_len=max_model_len, seed=seed,
+            )
+        except Exception as e:  # vLLM raises many kinds; keep the first line
+            raise OspEvalError(f"vLLM could not start for this model: {str(e).splitlines()[0] if str(e) else e!r}") from e
+        self.start_seconds = time.perf_counter() - t0
+        self.load(model, cfg)
+
+    @torch.no_grad()
+    def load(self, model: nn.Module, cfg=None) -> None:
+        """Push `model`'s weights and online transforms (activation quant, online Hadamards, V quant)."""
+        cfg = cfg if cfg is not None else getattr(model, "osp_config", None)
+        if cfg is not None and cfg.k_bits < 16:
+            check_supported(model, cfg)
+        ad = get_adapter(model)
+        dims = ad.dims(model)
+        parts = []
+        for layer in ad.layers(model):
+            lin = ad.linears(layer)
+            t = {role: getattr(m, "osp_input", None) for role, m in lin.items()}
+            v_out = getattr(lin["v"], "osp_output", None)
+            parts.append({
+                "qkv": _same([t["q"], t["k"], t["v"]]), "o": t["o"], "gate_up": _same([t["gate"], t["up"]]),
+                "down": t["down"], "v_quant": v_out, "v_start": (dims.num_heads + dims.num_kv_heads) * dims.head_dim,
+            })
+        sd = _state_dict(model)
+        # The engine may hold another dtype/device than the HF model; load_weights copies into its params.
+        self.llm.apply_model(lambda m: m.load_weights(iter(sd.items())))
+        self.llm.apply_model(lambda m: _install(m, parts))
+        self.llm.reset_prefix_cache()
+
+    def prompt_logprobs(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """For each prompt of L token ids, the fp32 log-probs [L-1] of tokens 1..L-1 given their prefixes."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        for ids in prompts:
+            if len(ids) + 1 > self.max_model_len:
+                raise OspEvalError(f"a prompt of {len(ids)} tokens needs max_model_len >= {len(ids) + 1}")
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
+                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
+                                 use_tqdm=False)
+        res = []
+        for ids, o in zip(prompts, outs):
+            lp = o.prompt_logprobs  # entry 0 is None: the first token has no prefix
+            res.append(torch.tensor([lp[j][ids[j]].logprob for j in range(1, len(ids))], dtype=torch.float32))
+        return res
+
+
+def perplexity_vllm(engine: VllmEngine, ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
+                    batch_size: int = 8, progress: bool = True) -> dict:
+    """`ppl.perplexity` through vLLM: the same windows, each window's mean NLL averaged in fp32."""
+    from tqdm.auto import tqdm
+
+    from .ppl import make_windows
+
+    windows = make_windows(ids, seqlen, max_windows)
+    t0 = time.perf_counter()
+    nlls = []
+    for i in tqdm(range(0, len(windows), batch_size), desc="PPL (vLLM)", disable=not progress, leave=False):
+        for lp in engine.prompt_logprobs(windows[i : i + batch_size].tolist()):
+            nlls.append(-lp.mean())
+    nlls = torch.stack(nlls)
+    seconds = time.perf_counter() - t0
+    return {
+        "ppl": math.exp(nlls.mean().item()),
+        "nwindows": len(windows),
+        "full_split": max_windows is None or len(windows) == ids.numel() // seqlen,
+        "windows_available": ids.numel() // seqlen,
+        "tokens": int(windows.numel()),
+        "text_tokens": int(ids.numel()),
+        "seqlen": seqlen,
+        "eval_seconds": seconds,
+        "tokens_per_second": windows.numel() / seconds if seconds > 0 else None,
+    }
+
+
+def score_rows_vllm(engine: VllmEngine, batch, max_length: int):
+    """lighteval log-likelihood rows through vLLM: [(logprob sum, greedy == continuation, tokens cut)].
+
+    The same truncation as the Transformers path (`lighteval_run.OspLightevalModel._score_rows`): at most
+    `max_length` tokens are read, so the prompt holds max_length + 1 (its last token is only a target).
+    Greedy means every continuation token has rank 1 among vLLM's log-probs.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts, conts, cut = [], [], []
+    for _, _, ctx, cont in batch:
+        whole = ctx + cont
+        prompt = whole[-(max_length + 1):]
+        conts.append(len(cont) if len(cont) < len(prompt) else len(prompt) - 1)
+        cut.append(max(0, len(whole) - len(prompt)))
+        prompts.append(prompt)
+    outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                               SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)
+    res = []
+    for p, n, c, o in zip(prompts, conts, cut, outs):
+        lps = [o.prompt_logprobs[j][p[j]] for j in range(len(p) - n, len(p))]
+        res.append((sum(lp.logprob for lp in lps), all(lp.rank == 1 for lp in lps), c))
+    return res
