@@ -220,9 +220,15 @@ def _model_classes():
                     truncated_tokens_count=max(p[2] for p in per)))
             return responses
 
+        vllm_engine = None  # set by run_lighteval(backend="vllm"): log-likelihoods come from vLLM
+
         @torch.no_grad()
         def _score_rows(self, batch):
             """[(logprob sum, greedy == continuation, tokens cut)] for rows of (i, j, context, continuation)."""
+            if self.vllm_engine is not None:
+                from .vllm_backend import score_rows_vllm
+
+                return score_rows_vllm(self.vllm_engine, batch, self.max_length)
             seqs, conts, cut = [], [], []
             for _, _, ctx, cont in batch:
                 whole = ctx + cont
@@ -311,9 +317,12 @@ def _offline() -> bool:
 def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None, dtype="auto", device=None,
                   data_dir=None, max_samples=None, batch_size=DEFAULT_BATCH, max_length=None,
                   output_dir="results", save_details=False, progress=True, save_qmodel_path=None,
-                  load_qmodel_path=None) -> dict:
+                  load_qmodel_path=None, backend="hf") -> dict:
     """Quantize `model_name` by `cfg` in memory, evaluate `tasks` with lighteval, write lighteval's JSON and
-    our summary. Returns the summary record."""
+    our summary. Returns the summary record.
+
+    backend "vllm": log-likelihoods run in a vLLM engine holding the same quantized model (osp_eval.vllm_backend);
+    generative tasks still run through Transformers."""
     from .data import data_dir as resolve_data_dir
     from .models import load_config, resolve_model
     from .pipeline import load_and_quantize, method_name, model_slug
@@ -326,6 +335,11 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     if batch_size <= 0:
         raise OspEvalError(f"--batch_size {batch_size} must be positive")
     cfg.validate()
+    if backend not in ("hf", "vllm"):
+        raise OspEvalError(f"backend {backend!r}: choose hf or vllm")
+    if backend == "vllm" and cfg.k_bits < 16:
+        raise OspEvalError(f"--k_bits/--kv_bits {cfg.k_bits}: K-cache quantization is supported only in the "
+                           "Transformers path (lighteval_ptq.py)")
     ddir = resolve_data_dir(data_dir)
     if ddir is None and _offline():
         raise OspEvalError("offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): pass --data_dir DIR (or set "
@@ -353,13 +367,13 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     if not run_tasks:
         raise OspEvalError("no task left to run: " + "; ".join(skipped.values()))
 
-    model, _, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
-                                       data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
-                                       load_qmodel_path=load_qmodel_path)
+    model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
+                                         data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
+                                         load_qmodel_path=load_qmodel_path)
     method = method_name(cfg)
     slug = model_slug(model_name, gguf_file)
     key = cell_key(config=cfg.to_dict(), tasks=run_tasks, max_samples=max_samples, data=str(ddir) if ddir else None,
-                   dtype=info["dtype"], max_length=max_length)
+                   dtype=info["dtype"], max_length=max_length, **({} if backend == "hf" else {"backend": backend}))
     stem = f"{method}_w{cfg.w_bits}a{cfg.a_bits}kv{cfg.k_bits}_{key}"
     out = Path(output_dir) / "lighteval" / slug
     module = types.ModuleType("osp_tasks")
@@ -374,6 +388,11 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
                               override_chat_template=False, cache_dir=cache_dir)
         lm = OspLightevalModel.from_model(model, mcfg)
         lm.show_progress = progress
+        if backend == "vllm":
+            from .vllm_backend import VllmEngine
+
+            # max_length + 1 prompt tokens (the last is only a target) and the one generated token.
+            lm.vllm_engine = VllmEngine(model, tok, max_model_len=max_length + 2, cfg=cfg)
         tracker = EvaluationTracker(output_dir=str(out / stem), save_details=save_details)
         params = PipelineParameters(launcher_type=ParallelismManager.NONE, custom_tasks_directory=module,
                                     max_samples=max_samples)
@@ -414,7 +433,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         "bits": f"{cfg.w_bits}-{cfg.a_bits}-{cfg.k_bits}", "config": cfg.to_dict(), **info,
         "tasks": per_task, "skipped": skipped, **bench,
         "max_samples": max_samples, "full_splits": max_samples is None,
-        "batch_size": batch_size, "max_length": max_length, "fewshot_seed": lt.FEWSHOT_SEED,
+        "batch_size": batch_size, "max_length": max_length, "fewshot_seed": lt.FEWSHOT_SEED, "backend": backend,
         "tokenization": "context+continuation tokenized together, then split",
         "data_dir": str(ddir) if ddir else None,
         "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - t_start,
@@ -520,7 +539,8 @@ def action(args) -> None:
                       device=args.device, data_dir=args.data_dir, max_samples=args.max_samples,
                       batch_size=args.batch_size, max_length=args.max_length, output_dir=args.output_dir,
                       save_details=args.save_details, progress=not args.no_progress,
-                      save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path)
+                      save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path,
+                      backend=getattr(args, "backend", "hf"))
     print(format_table(r))
 
 

@@ -172,3 +172,37 @@ def test_cli_ppl_backend_vllm_matches_hf(smollm2_path, data_dir, tmp_path, engin
     recs = [json.loads(p.read_text()) for p in sorted((tmp_path / "ppl").rglob("*.json"))]
     assert sorted(r["backend"] for r in recs) == ["hf", "vllm"]  # two cells: the backend is in the hash
     assert abs(recs[0]["ppl"] - recs[1]["ppl"]) / recs[0]["ppl"] < 1e-5
+
+
+def _details(record, task):
+    import glob
+
+    import pandas as pd
+
+    files = glob.glob(f"{record['lighteval_output']}/details/*/*/details_{task}|*.parquet")
+    assert len(files) == 1, files
+    return pd.read_parquet(files[0])
+
+
+def test_lighteval_loglikelihoods_match_transformers(smollm2_path, data_dir, tmp_path, monkeypatch):
+    """lighteval_ptq_vllm.py's path: per-choice log-likelihoods and greedy flags equal the Transformers path's."""
+    import osp_eval.vllm_backend as vb
+    from osp_eval.lighteval_run import run_lighteval
+
+    calls, score = [], vb.score_rows_vllm
+    monkeypatch.setattr(vb, "score_rows_vllm", lambda *a: calls.append(1) or score(*a))
+
+    cfg = QuantConfig(w_bits=4, w_method="rtn", w_clip=False, rotate_down_proj=True)
+    runs = {b: run_lighteval(smollm2_path, cfg, tasks="arc:easy|0", data_dir=data_dir, max_samples=2,
+                             batch_size=4, max_length=256, output_dir=str(tmp_path / b), save_details=True,
+                             progress=False, backend=b) for b in ("hf", "vllm")}
+    assert runs["vllm"]["backend"] == "vllm" and calls  # the vLLM run scored its rows in vLLM
+    hf, vl = _details(runs["hf"], "arc:easy"), _details(runs["vllm"], "arc:easy")
+    assert len(hf) == len(vl) == 2
+    for a, b in zip(hf["model_response"], vl["model_response"]):
+        assert list(a["input_tokens"]) == list(b["input_tokens"])
+        assert len(a["logprobs"]) == len(b["logprobs"]) >= 2
+        for x, y in zip(a["logprobs"], b["logprobs"]):
+            assert abs(x - y) < 1e-4
+        assert list(a["argmax_logits_eq_gold"]) == list(b["argmax_logits_eq_gold"])
+    assert runs["hf"]["tasks"]["arc:easy"]["value"] == runs["vllm"]["tasks"]["arc:easy"]["value"]

@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""lighteval_ptq.py with log-likelihoods scored by vLLM (same flags, same results files plus "backend": "vllm").
+
+    python lighteval_ptq_vllm.py MODEL --w_bits 4 --a_bits 4 [--rotate | --rotate_down_proj] --tasks tasks/tasks.txt
+
+The model is quantized by Transformers as usual, then pushed into an in-process vLLM engine
+(osp_eval/vllm_backend.py). Generative tasks still run through Transformers; --kv_bits < 16 is not supported.
+lighteval's own vLLM backend does not work with vLLM 0.32 (see the shared ENVIRONMENT.md §6).
+"""
+
+import sys
+
+from osp_eval.cli import run
+from osp_eval.lighteval_run import build_parser
+
+if __name__ == "__main__":
+    parser = build_parser(prog="lighteval_ptq_vllm.py")
+    parser.set_defaults(backend="vllm")
+    args = parser.parse_args()
+    sys.exit(run(args.func, args))
