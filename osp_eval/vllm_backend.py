@@ -39,6 +39,9 @@ def _import_vllm():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
     # vLLM drops torch to 1 thread unless OMP_NUM_THREADS is set; this process also runs the HF model.
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    # A full window of max_position_embeddings tokens needs 1-2 more slots (the one generated token); callers
+    # check their windows against the model's positions. Set before any engine: vLLM caches its env vars.
+    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     try:
         import vllm
     except ImportError as e:
@@ -149,10 +152,6 @@ class VllmEngine:
         self.dtype = next(model.parameters()).dtype
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        maxpos = getattr(model.config, "max_position_embeddings", None)
-        if maxpos is not None and max_model_len > maxpos:
-            # A full window of maxpos tokens needs one more slot for the one generated token.
-            os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
         self._dir = tempfile.TemporaryDirectory(prefix="osp_vllm_")
         config = model.config.to_dict()
         # Rotations untie lm_head; an untied engine takes either kind (a tied model pushes lm_head = embed).
