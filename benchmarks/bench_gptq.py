@@ -22,24 +22,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from osp_eval.apply import quantize_  # noqa: E402
 from osp_eval.config import QuantConfig  # noqa: E402
 from osp_eval.results import device_info, versions  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, osp_1p4b_config  # noqa: E402
 
 
 def llama_config(tiny: bool):
-    from transformers import LlamaConfig
-
-    if tiny:  # intermediate 256 = 2^8, so the down_proj Hadamard works too
-        return LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                           intermediate_size=256, vocab_size=512, max_position_embeddings=2048,
-                           tie_word_embeddings=False)
-    return LlamaConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                       intermediate_size=5504, vocab_size=49152, max_position_embeddings=2048,
-                       tie_word_embeddings=False)
+    return osp_1p4b_config(tiny)
 
 
 def build_model(args, device, dtype):
