@@ -12,6 +12,10 @@ call `load` again. Notes: /work/shared/docs/ENVIRONMENT.md §4.
 - Hooks only run with enforce_eager=True, and lm_head never runs hooks (it is never quantized anyway).
 - Per-token log-probs come from vLLM in fp32 (logits upcast before log_softmax); the Transformers path
   takes cross-entropy in the logits' dtype. Equal for fp32 models; bf16 runs differ slightly.
+- Weight-only configs match the Transformers path to ~1e-5 per token. With activation quantization each
+  Linear matches exactly on the same input, but vLLM's kernels differ from Transformers' by ~1e-6 and a
+  4-bit per-token rounding can flip on that: SmolLM2 W4A4 QuaRot, 4 windows of 2048: PPL 255.25 (hf) vs
+  248.15 (vllm); W4A8: 119.07 vs 119.02. Compare A4 numbers within one backend.
 """
 
 from __future__ import annotations
