@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import DecoderAdapter, Dims, get_adapter
+from .arch import Dims, get_adapter
 from .config import QuantConfig
 from .errors import OspEvalError
 from .quant import fake_quant_weight

@@ -57,7 +57,12 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 2048, batch_size: int = 4
     nlls = window_nlls(model, windows, batch_size, progress)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    return ppl_record(nlls, windows, ids, seqlen, max_windows, time.perf_counter() - t0)
+
+
+def ppl_record(nlls: torch.Tensor, windows: torch.Tensor, ids: torch.Tensor, seqlen: int, max_windows: int | None,
+               seconds: float) -> dict:
+    """The PPL result fields, from per-window mean NLLs (shared by the Transformers and vLLM backends)."""
     return {
         "ppl": math.exp(nlls.mean().item()),
         "nwindows": len(windows),

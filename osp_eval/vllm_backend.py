@@ -20,7 +20,6 @@ call `load` again. Notes: /work/shared/docs/ENVIRONMENT.md §4.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -223,7 +222,7 @@ def perplexity_vllm(engine: VllmEngine, ids: torch.Tensor, seqlen: int = 2048, m
     """`ppl.perplexity` through vLLM: the same windows, each window's mean NLL averaged in fp32."""
     from tqdm.auto import tqdm
 
-    from .ppl import make_windows
+    from .ppl import make_windows, ppl_record
 
     windows = make_windows(ids, seqlen, max_windows)
     t0 = time.perf_counter()
@@ -231,19 +230,7 @@ def perplexity_vllm(engine: VllmEngine, ids: torch.Tensor, seqlen: int = 2048, m
     for i in tqdm(range(0, len(windows), batch_size), desc="PPL (vLLM)", disable=not progress, leave=False):
         for lp in engine.prompt_logprobs(windows[i : i + batch_size].tolist()):
             nlls.append(-lp.mean())
-    nlls = torch.stack(nlls)
-    seconds = time.perf_counter() - t0
-    return {
-        "ppl": math.exp(nlls.mean().item()),
-        "nwindows": len(windows),
-        "full_split": max_windows is None or len(windows) == ids.numel() // seqlen,
-        "windows_available": ids.numel() // seqlen,
-        "tokens": int(windows.numel()),
-        "text_tokens": int(ids.numel()),
-        "seqlen": seqlen,
-        "eval_seconds": seconds,
-        "tokens_per_second": windows.numel() / seconds if seconds > 0 else None,
-    }
+    return ppl_record(torch.stack(nlls), windows, ids, seqlen, max_windows, time.perf_counter() - t0)
 
 
 def score_rows_vllm(engine: VllmEngine, batch, max_length: int):
