@@ -48,21 +48,22 @@ def cell_config(method: str, bits: str, preset_name: str = "osp", **overrides):
 
 def _spinquant_rotation(model: str, cfg, args) -> str:
     """Train (once per model and bit setting, cached next to the results) the SpinQuant R.bin for a cell."""
-    try:
-        from .spinquant import train_rotations
-    except ImportError as e:
-        raise OspEvalError("SpinQuant training is not available in this version of osp-eval") from e
-    path = Path(args.output_dir) / "rotations" / model_slug(model) / f"R_a{cfg.a_bits}kv{cfg.k_bits}.bin"
+    from .spinquant import spinquant_train
+
+    tag = f"a{cfg.a_bits}kv{cfg.k_bits}_s{args.spinquant_steps}_n{args.spinquant_nsamples}_l{args.spinquant_seqlen}"
+    path = Path(args.output_dir) / "rotations" / model_slug(model) / f"R_{tag}.bin"
     if not path.exists():
-        train_rotations(model, cfg.replace(w_bits=16), save_path=str(path), data_dir=args.data_dir,
-                        device=args.device, dtype=args.dtype, progress=not args.no_progress)
+        spinquant_train(model, cfg, save_path=str(path), steps=args.spinquant_steps, nsamples=args.spinquant_nsamples,
+                        seqlen=args.spinquant_seqlen, data_dir=args.data_dir, device=args.device, dtype=args.dtype,
+                        progress=not args.no_progress)
     return str(path)
 
 
 def run_table(args) -> dict:
     models, bits_list = args.models, args.bits or ["4-4-4"]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    overrides = {k: getattr(args, k) for k in ("calib_data", "nsamples") if getattr(args, k, None) is not None}
+    overrides = {k: getattr(args, k) for k in ("calib_data", "nsamples", "calib_seqlen")
+                 if getattr(args, k, None) is not None}
     cells = [(m, b, meth) for m in models for b in bits_list for meth in methods]
     for _, b, meth in cells:  # validate the whole grid before spending time on it
         cell_config(meth, b, args.preset, **overrides)
@@ -175,9 +176,13 @@ def add_cli(sub) -> None:
     p.add_argument("--preset", default="osp")
     p.add_argument("--calib_data", default=None)
     p.add_argument("--nsamples", type=int, default=None)
+    p.add_argument("--calib_seqlen", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_windows", type=int, default=None)
+    p.add_argument("--spinquant_steps", type=int, default=100, help="rotation training steps (SpinQuant row)")
+    p.add_argument("--spinquant_nsamples", type=int, default=800, help="rotation training windows")
+    p.add_argument("--spinquant_seqlen", type=int, default=2048, help="rotation training window length")
     p.set_defaults(func=lambda a: _cmd(_with_models(a)))
 
 

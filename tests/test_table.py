@@ -47,3 +47,20 @@ def test_failed_cell_does_not_kill_the_grid(stories_path, data_dir, tmp_path):
     s = json.loads((tmp_path / "table" / "summary.json").read_text())
     assert len(s["failed"]) == 1 and s["failed"][0]["method"] == "gptq" and "calib_data" in s["failed"][0]["error"]
     assert "failed" in (tmp_path / "table" / "table.md").read_text()
+
+
+def test_spinquant_row_trains_once_and_caches(stories_path, data_dir, tmp_path):
+    args = [sys.executable, "-m", "osp_eval", "table", stories_path, "--bits", "4-4-4", "--methods", "spinquant",
+            "--calib_data", "c4", "--nsamples", "8", "--calib_seqlen", "128", "--seqlen", "128", "--max_windows", "1",
+            "--spinquant_steps", "2", "--spinquant_nsamples", "8", "--spinquant_seqlen", "64", "--data_dir", data_dir,
+            "--output_dir", str(tmp_path), "--no_progress"]
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "table" / "summary.json").read_text())
+    assert s["computed"] == 1 and not s["failed"]
+    rot = list((tmp_path / "rotations").rglob("R_*.bin"))
+    assert len(rot) == 1
+    rec = json.loads(Path(list(csv.DictReader(open(tmp_path / "table" / "table.csv")))[0]["result"]).read_text())
+    assert rec["config"]["optimized_rotation_path"] == str(rot[0]) and rec["method"] == "spinquant"
+    subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    assert json.loads((tmp_path / "table" / "summary.json").read_text())["computed"] == 0
