@@ -64,21 +64,21 @@ def _smollm2_state(smollm2_path):
     return model.state_dict(), model.config, tok
 
 
-@pytest.fixture
-def smollm2_factory(_smollm2_state):
-    """Builds fresh fp32 SmolLM2-135M copies from a cached state dict (GGUF parsing is slow)."""
+def rebuild(state) -> torch.nn.Module:
+    """A fresh fp32 model from a cached (state_dict, config, tokenizer) triple (GGUF parsing is slow)."""
     from transformers import AutoModelForCausalLM
 
-    sd, config, tok = _smollm2_state
+    sd, config, _ = state
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    return model.eval().requires_grad_(False)
 
-    def make():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-        model.load_state_dict(sd, strict=False)
-        model.tie_weights()
-        model.eval().requires_grad_(False)
-        return model, tok
 
-    return make
+@pytest.fixture
+def smollm2_factory(_smollm2_state):
+    """Builds fresh fp32 SmolLM2-135M copies from a cached state dict."""
+    return lambda: (rebuild(_smollm2_state), _smollm2_state[2])
 
 
 @pytest.fixture

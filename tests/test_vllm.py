@@ -37,17 +37,9 @@ LAYER = {
 
 @pytest.fixture(scope="module")
 def fresh(_smollm2_state):
-    from transformers import AutoModelForCausalLM
+    from conftest import rebuild
 
-    sd, config, tok = _smollm2_state
-
-    def make():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-        model.load_state_dict(sd, strict=False)
-        model.tie_weights()
-        return model.eval().requires_grad_(False)
-
-    return make, tok
+    return (lambda: rebuild(_smollm2_state)), _smollm2_state[2]
 
 
 @pytest.fixture(scope="module")
