@@ -5,7 +5,7 @@ Training (SpinQuant `optimize_rotation.py`): the model is prepared as `--rotate`
 (untie, optional embedding centring, norm fusion, R4 folded into down_proj), its weights stay frozen,
 and R1/R2 (random Hadamards at first, float32 or wider) are the only parameters. Every forward rotates
 the frozen weights with the current R1/R2 through the same pure functions that `--rotate` folds offline
-(rotation.rotate_*; torch parametrizations recompute them on each access), and the activation/K/V
+(rotation.rotate_*, as torch parametrizations computed once per micro-batch), and the activation/K/V
 fake quantizers osp_eval installs for inference run with straight-through rounding. Loss: next-token
 cross-entropy. Optimiser: Cayley SGD on the Stiefel manifold (below), cosine learning rate.
 
@@ -234,11 +234,22 @@ def mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> f
     return total / len(windows)
 
 
+def _materialize(model: nn.Module) -> None:
+    """Compute every rotated tensor once (inside `parametrize.cached()`), outside the checkpointed layers, so
+    activation checkpointing recomputes only the layer, not the rotations."""
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            for name in m.parametrizations:
+                getattr(m, name)
+
+
 def train_rotations(model: nn.Module, rot: Rotations, windows: torch.Tensor, *, steps: int = 100, lr: float = 1.5,
-                    momentum: float = 0.0, batch_size: int = 8, micro_batch_size: int = 1,
+                    momentum: float = 0.0, batch_size: int = 8, micro_batch_size: int | None = None,
                     checkpointing: bool = True, progress: bool = True) -> list[float]:
     """Cayley SGD on `rot` for `steps` steps of `batch_size` windows (taken in order, cycling); returns the
-    loss of every step. `model` is a training model from prepare_training_model."""
+    loss of every step. `model` is a training model from prepare_training_model. `micro_batch_size` (default:
+    the whole batch in one forward) trades memory for speed: a small model's step is launch-bound on a GPU."""
+    micro_batch_size = micro_batch_size or batch_size
     if steps <= 0 or batch_size <= 0 or micro_batch_size <= 0:
         raise OspEvalError("--steps, --train_batch_size and --micro_batch_size must be positive")
     device = next(model.parameters()).device
@@ -259,8 +270,10 @@ def train_rotations(model: nn.Module, rot: Rotations, windows: torch.Tensor, *, 
             total = 0.0
             for mb in batch.split(micro_batch_size):
                 mb = mb.to(device)
-                loss = model(input_ids=mb, labels=mb, use_cache=False).loss * (len(mb) / len(batch))
-                loss.backward()
+                with parametrize.cached():  # the rotated weights once per micro-batch, not once per access
+                    _materialize(model)
+                    loss = model(input_ids=mb, labels=mb, use_cache=False).loss * (len(mb) / len(batch))
+                    loss.backward()
                 total += loss.item()
             opt.step()
             sched.step()
@@ -285,7 +298,7 @@ def _peak_memory() -> dict:
 
 def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bin", steps: int = 100,
                     lr: float = 1.5, momentum: float = 0.0, nsamples: int = 800, seqlen: int = 2048,
-                    batch_size: int = 8, micro_batch_size: int = 1, checkpointing: bool = True, gguf_file=None,
+                    batch_size: int = 8, micro_batch_size: int | None = None, checkpointing: bool = True, gguf_file=None,
                     dtype="auto", device=None, data_dir=None, progress: bool = True) -> dict:
     """Load `model_name`, learn R1/R2 for `cfg` on calibration windows (cfg.calib_data), save R.bin and
     R.bin.json (metadata: losses, time, peak memory). Returns the metadata."""
@@ -314,7 +327,7 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
         "training_config": train_cfg.to_dict(),
         "init": cfg.optimized_rotation_path or f"random Hadamard, seed {cfg.rotation_seed}",
         "steps": steps, "lr": lr, "schedule": "cosine, no warm-up", "momentum": momentum,
-        "batch_size": batch_size, "micro_batch_size": micro_batch_size, "checkpointing": checkpointing,
+        "batch_size": batch_size, "micro_batch_size": micro_batch_size or batch_size, "checkpointing": checkpointing,
         "calibration": calib,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "rotation_dtype": str(rot.r1.dtype).replace("torch.", ""),
@@ -360,7 +373,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--train_nsamples", type=int, default=800, help="calibration windows (from --calib_data)")
     t.add_argument("--train_seqlen", type=int, default=2048)
     t.add_argument("--train_batch_size", type=int, default=8, help="windows per optimizer step")
-    t.add_argument("--micro_batch_size", type=int, default=1, help="windows per forward (gradient accumulation)")
+    t.add_argument("--micro_batch_size", type=int, default=None,
+                   help="windows per forward, with gradient accumulation (default: the whole --train_batch_size)")
     t.add_argument("--gradient_checkpointing", action=BOOL, default=True, help="recompute each decoder layer")
     t.add_argument("--save_path", default="R.bin", help="where R.bin goes (metadata: SAVE_PATH.json)")
     p.set_defaults(func=_cli)

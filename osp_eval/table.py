@@ -75,8 +75,10 @@ def run_table(args) -> dict:
             cfg = cell_config(meth, bits, args.preset, **overrides)
             path = ppl_result_path(args.output_dir, model, cfg, seqlen=args.seqlen, max_windows=args.max_windows,
                                    dtype=args.dtype, device=args.device)
+            train_seconds = 0.0
             if meth == "spinquant":
                 cfg = cfg.replace(optimized_rotation_path=_spinquant_rotation(model, cfg, args))
+                train_seconds = json.loads(Path(f"{cfg.optimized_rotation_path}.json").read_text())["train_seconds"]
                 path = ppl_result_path(args.output_dir, model, cfg, seqlen=args.seqlen,
                                        max_windows=args.max_windows, dtype=args.dtype, device=args.device)
             if path.exists():
@@ -87,6 +89,8 @@ def run_table(args) -> dict:
                               seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
                               output_dir=args.output_dir, progress=False)
                 rec["cached"] = False
+            # Compute time of the cell (model loading excluded): rotation training + quantization + evaluation.
+            rec["cell_seconds"] = train_seconds + rec.get("quantize_seconds", 0.0) + rec.get("eval_seconds", 0.0)
             results[(model, bits, meth)] = rec
         except Exception as e:  # one failing cell must not kill the grid
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -116,18 +120,25 @@ def write_reports(args, models, bits_list, methods, results, failures, seconds) 
                 cells.append(f"{r['ppl']:.2f}" if r else "failed")
                 rows.append({"model": model_slug(m), "bits": bits, "method": meth,
                              "ppl": r["ppl"] if r else None, "cached": r.get("cached") if r else None,
+                             "seconds": round(r["cell_seconds"], 2) if r else None,
                              "result": r.get("result_path") if r else None})
             md.append(f"| {ROW_NAMES.get(meth, meth)} | " + " | ".join(cells) + " |")
         md.append("")
+    compute = sum(r["seconds"] or 0.0 for r in rows)
+    md += ["", f"Compute time of the grid: {compute:.1f} s (per cell: rotation training + quantization + evaluation, "
+           "model loading excluded; cached cells count their original time). This invocation: "
+           f"{seconds:.1f} s wall."]
     if failures:
-        md += ["## Failed cells", ""] + [f"- {f['model']} {f['method']} {f['bits']}: {f['error']}" for f in failures]
+        md += ["", "## Failed cells", ""]
+        md += [f"- {f['model']} {f['method']} {f['bits']}: {f['error']}" for f in failures]
     (out / "table.md").write_text("\n".join(md) + "\n")
     with open(out / "table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "bits", "method", "ppl", "cached", "result"])
+        w = csv.DictWriter(f, fieldnames=["model", "bits", "method", "ppl", "cached", "seconds", "result"])
         w.writeheader()
         w.writerows(rows)
     _plot(out / "table.png", slugs, bits_list, methods, rows)
-    summary = {"seconds": seconds, "cells": len(rows), "computed": sum(1 for r in rows if r["cached"] is False),
+    summary = {"seconds": seconds, "compute_seconds": compute, "cells": len(rows),
+               "computed": sum(1 for r in rows if r["cached"] is False),
                "failed": failures, "files": [str(out / n) for n in ("table.md", "table.csv", "table.png")]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -3,12 +3,7 @@
 # Carry: .gpu/whl (gguf wheel), .gpu/data (WikiText-2 test, C4 sample), .gpu/p2 (the GGUF's second half).
 set -uo pipefail
 R=$OUT/res; mkdir -p "$R"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD OSP_EVAL_DATA=$PWD/.gpu/data HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-G=/tmp/gg/SmolLM2-135M-Instruct.Q4_1.gguf
-cat /tmp/gg/smol.gguf.part_aa .gpu/p2/smol.gguf.part_ab > $G && sha256sum $G
-M=/tmp/SmolLM2-135M
-python3 benchmarks/gpu/gguf_to_hf.py $G $M 2>&1 | tail -1
+source benchmarks/gpu/_setup.sh
 step() { echo "== $*"; local t0=$SECONDS; "$@" --output_dir "$R" --no_progress 2>&1 | grep -E "ppl =|kurtosis|error|Error|cells|^\|" | head -40; echo "   ($((SECONDS-t0)) s)"; }
 step python3 -m osp_eval ppl $M
 step python3 -m osp_eval table $M --bits 4-4-4 --methods rtn,ffn_had,gptq,quarot --calib_data c4
