@@ -84,6 +84,7 @@ def run_table(args) -> dict:
             if path.exists():
                 rec = json.loads(path.read_text())
                 rec["cached"] = True
+                rec.setdefault("result_path", str(path))
             else:
                 rec = run_ppl(model, cfg, dtype=args.dtype, device=args.device, data_dir=args.data_dir,
                               seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
