@@ -3,7 +3,7 @@
   python benchmarks/lighteval_table.py RESULTS_DIR [RESULTS_DIR ...] [--out table.md]
 
 A configuration may have been evaluated in several runs (e.g. the log-likelihood tasks in one, the generative
-ones in another, to fit a time limit): runs with the same method, bits and model are merged per task, and the
+ones in another, to fit a time limit): runs with the same method, bits, model and --max_samples are merged per task, and the
 benchmark averages are recomputed from the merged tasks with osp_eval's own rule. Times are summed.
 """
 
@@ -27,7 +27,7 @@ def load(paths: list[str]) -> dict:
             r = json.loads(f.read_text())
             if r.get("kind") != "lighteval":
                 continue
-            key = (r["model"], r["method"], r["bits"])
+            key = (r["model"], r["method"], r["bits"], r.get("max_samples"))
             c = configs.setdefault(key, {"tasks": {}, "eval_seconds": 0.0, "total_seconds": 0.0, "runs": 0,
                                          "full_splits": True, "device": r.get("device")})
             c["tasks"].update(r["tasks"])
@@ -41,10 +41,11 @@ def load(paths: list[str]) -> dict:
 
 
 def markdown(configs: dict) -> str:
-    keys = list(configs)
+    order = ["fp", "rtn", "ffn_had", "gptq", "quarot_rtn", "quarot", "spinquant"]
+    keys = sorted(configs, key=lambda k: (k[3] is not None, order.index(k[1]) if k[1] in order else 99, k))
     tasks = sorted({t for c in configs.values() for t in c["tasks"]}, key=lambda t: (BENCHMARK[t], t))
-    head = [f"{m} {b}" for _, m, b in keys]
-    out = ["| task | metric | n | " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(keys)]
+    head = [f"{m} {b}" + (f" ({n}/task)" if n else "") for _, m, b, n in keys]
+    out = ["| task | metric | docs in split | " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(keys)]
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
@@ -54,7 +55,7 @@ def markdown(configs: dict) -> str:
         info = any_c["tasks"][t]
         flag = " (not exact)" if info["not_exact"] else ""
         vals = [pct(configs[k]["tasks"].get(t, {}).get("value")) for k in keys]
-        out.append(f"| {t}{flag} | {info['metric']} | {info['n_samples']} | " + " | ".join(vals) + " |")
+        out.append(f"| {t}{flag} | {info['metric']} | {info['n_available']} | " + " | ".join(vals) + " |")
     out.append("| **average, exact data** | | | " + " | ".join(f"**{pct(configs[k]['average'])}**" for k in keys)
                + " |")
     out.append("| average incl. not-exact | | | " + " | ".join(pct(configs[k]["average_all"]) for k in keys) + " |")
