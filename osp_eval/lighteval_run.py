@@ -220,7 +220,40 @@ def _model_classes():
                     truncated_tokens_count=max(p[2] for p in per)))
             return responses
 
-        vllm_engine = None  # set by run_lighteval(backend="vllm"): log-likelihoods come from vLLM
+        vllm_engine = None  # set by run_lighteval(backend="vllm"): log-likelihoods and generation in vLLM
+
+        def greedy_until(self, docs):
+            """Generative tasks: lighteval's padded HF loop, or vLLM's scheduler when an engine is set.
+
+            The vLLM branch keeps lighteval's choices for the Transformers path: the prompt is kept whole up to
+            max_length tokens (cut from the left beyond), the generation gets what room is left (at least one
+            token), stops at EOS or a stop string, and its decoded text is cut at the first stop string. (The
+            HF loop sizes the room per padded batch, by its longest prompt; here each document gets its own.)"""
+            if self.vllm_engine is None:
+                return super().greedy_until(docs)
+            from .vllm_backend import generate_vllm
+
+            prompts, budgets, stops, cut = [], [], [], []
+            for doc in docs:
+                if (doc.num_samples or 1) > 1:
+                    raise OspEvalError("sampling several generations per document is not supported with vLLM")
+                ids = self.tokenizer(self.prompt_manager.prepare_prompt(doc),
+                                     add_special_tokens=self.add_special_tokens)["input_ids"]
+                cut.append(max(0, len(ids) - self.max_length))
+                ids = ids[-self.max_length:]
+                want = doc.generation_size or self.max_length - len(ids)
+                prompts.append(ids)
+                budgets.append(max(1, min(want, self.max_length - len(ids))))
+                stops.append([self.tokenizer.eos_token, *(doc.stop_sequences or [])])
+            outs = generate_vllm(self.vllm_engine, prompts, budgets, stops)
+            responses = []
+            for ids, gen, st, c in zip(prompts, outs, stops, cut):
+                text = self.tok_decode([gen])[0]
+                for term in st:
+                    text = text.split(term)[0]
+                responses.append(ModelResponse(text=[text], output_tokens=[gen], input_tokens=ids,
+                                               truncated_tokens_count=c, padded_tokens_count=0))
+            return responses
 
         @torch.no_grad()
         def _score_rows(self, batch):
@@ -321,8 +354,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     """Quantize `model_name` by `cfg` in memory, evaluate `tasks` with lighteval, write lighteval's JSON and
     our summary. Returns the summary record.
 
-    backend "vllm": log-likelihoods run in a vLLM engine holding the same quantized model (osp_eval.vllm_backend);
-    generative tasks still run through Transformers."""
+    backend "vllm": log-likelihoods and greedy generation run in a vLLM engine holding the same quantized model
+    (osp_eval.vllm_backend)."""
     from .data import data_dir as resolve_data_dir
     from .models import load_config, resolve_model
     from .pipeline import load_and_quantize, method_name, model_slug

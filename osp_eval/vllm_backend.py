@@ -257,3 +257,16 @@ def score_rows_vllm(engine: VllmEngine, batch, max_length: int):
         lps = [o.prompt_logprobs[j][p[j]] for j in range(len(p) - n, len(p))]
         res.append((sum(lp.logprob for lp in lps), all(lp.rank == 1 for lp in lps), c))
     return res
+
+
+def generate_vllm(engine: VllmEngine, prompts: list[list[int]], max_new_tokens: list[int],
+                  stop: list[list[str]]) -> list[list[int]]:
+    """Greedy generation in vLLM: for each prompt, the generated token ids (stopping at EOS, at one of its
+    stop strings, or after its max_new_tokens). Callers decode and cut at the stop strings themselves, as the
+    Transformers path does, so both backends post-process identically."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [SamplingParams(max_tokens=n, temperature=0.0, stop=s or None) for n, s in zip(max_new_tokens, stop)]
+    outs = engine.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]

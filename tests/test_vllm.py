@@ -198,3 +198,26 @@ def test_lighteval_loglikelihoods_match_transformers(smollm2_path, data_dir, tmp
             assert abs(x - y) < 1e-4
         assert list(a["argmax_logits_eq_gold"]) == list(b["argmax_logits_eq_gold"])
     assert runs["hf"]["tasks"]["arc:easy"]["value"] == runs["vllm"]["tasks"]["arc:easy"]["value"]
+
+
+def test_lighteval_generation_matches_transformers(smollm2_path, data_dir, tmp_path, monkeypatch):
+    """Generative tasks through vLLM (lighteval_ptq_vllm.py): the same greedy texts as lighteval's HF loop."""
+    import osp_eval.vllm_backend as vb
+    from osp_eval.lighteval_run import run_lighteval
+
+    calls, gen = [], vb.generate_vllm
+    monkeypatch.setattr(vb, "generate_vllm", lambda *a: calls.append(1) or gen(*a))
+    cfg = QuantConfig(w_bits=4, w_method="rtn", w_clip=False, rotate_down_proj=True)
+    runs = {b: run_lighteval(smollm2_path, cfg, tasks="trivia_qa|5", data_dir=data_dir, max_samples=3,
+                             batch_size=4, max_length=512, output_dir=str(tmp_path / b), save_details=True,
+                             progress=False, backend=b) for b in ("hf", "vllm")}
+    assert calls  # the vLLM run generated in vLLM
+    hf, vl = _details(runs["hf"], "trivia_qa"), _details(runs["vllm"], "trivia_qa")
+    assert len(hf) == len(vl) == 3
+    texts = []
+    for a, b in zip(hf["model_response"], vl["model_response"]):
+        pad = int(a["padded_tokens_count"])  # the HF loop returns its left-padded batch row
+        assert list(a["input_tokens"])[pad:] == list(b["input_tokens"])
+        assert list(a["text"]) == list(b["text"])
+        texts += list(a["text"])
+    assert any(t.strip() for t in texts)  # something was generated: empty == empty would prove nothing
