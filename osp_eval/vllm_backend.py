@@ -146,8 +146,12 @@ def _install(vmodel: nn.Module, parts: list[dict]) -> None:
 class VllmEngine:
     """An in-process vLLM engine shaped like one Transformers model; `load` pushes a quantized copy into it."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, max_model_len: int = 2049, cfg=None, seed: int = 0):
+    def __init__(self, model: nn.Module, tokenizer, *, max_model_len: int = 2049, cfg=None, seed: int = 0,
+                 gpu_memory: float | None = None):
+        """`gpu_memory`: the fraction of the GPU vLLM may take (weights + KV cache); the Transformers model
+        lives on the same GPU, so the default leaves room for it ($OSP_EVAL_VLLM_GPU_MEMORY, else 0.45)."""
         vllm = _import_vllm()
+        gpu_memory = gpu_memory or float(os.environ.get("OSP_EVAL_VLLM_GPU_MEMORY", 0.45))
         check_supported(model, cfg if cfg is not None else getattr(model, "osp_config", None))
         import vllm.model_executor.layers.utils as vutils
 
@@ -170,6 +174,7 @@ class VllmEngine:
                 enforce_eager=True,  # forward hooks run only in eager mode
                 enable_prefix_caching=False,  # cached prefixes would outlive a weight push
                 max_model_len=max_model_len, seed=seed,
+                **({"gpu_memory_utilization": gpu_memory} if torch.cuda.is_available() else {}),
             )
         except Exception as e:  # vLLM raises many kinds; keep the first line
             raise OspEvalError(f"vLLM could not start for this model: {str(e).splitlines()[0] if str(e) else e!r}") from e
