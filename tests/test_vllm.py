@@ -176,46 +176,42 @@ def _details(record, task):
     return pd.read_parquet(files[0])
 
 
-def test_lighteval_loglikelihoods_match_transformers(smollm2_path, data_dir, tmp_path, monkeypatch):
-    """lighteval_ptq_vllm.py's path: per-choice log-likelihoods and greedy flags equal the Transformers path's."""
+def _both_backends(smollm2_path, data_dir, tmp_path, monkeypatch, hook: str, task: str, n: int, **kw):
+    """One lighteval run per backend (W4 RTN + FFN Had), counting calls of vllm_backend.`hook`; returns the
+    per-sample details of `task` for (hf, vllm)."""
     import osp_eval.vllm_backend as vb
     from osp_eval.lighteval_run import run_lighteval
 
-    calls, score = [], vb.score_rows_vllm
-    monkeypatch.setattr(vb, "score_rows_vllm", lambda *a: calls.append(1) or score(*a))
-
+    calls, real = [], getattr(vb, hook)
+    monkeypatch.setattr(vb, hook, lambda *a: calls.append(1) or real(*a))
     cfg = QuantConfig(w_bits=4, w_method="rtn", w_clip=False, rotate_down_proj=True)
-    runs = {b: run_lighteval(smollm2_path, cfg, tasks="arc:easy|0", data_dir=data_dir, max_samples=2,
-                             batch_size=4, max_length=256, output_dir=str(tmp_path / b), save_details=True,
-                             progress=False, backend=b) for b in ("hf", "vllm")}
-    assert runs["vllm"]["backend"] == "vllm" and calls  # the vLLM run scored its rows in vLLM
-    hf, vl = _details(runs["hf"], "arc:easy"), _details(runs["vllm"], "arc:easy")
-    assert len(hf) == len(vl) == 2
-    for a, b in zip(hf["model_response"], vl["model_response"]):
+    runs = {b: run_lighteval(smollm2_path, cfg, tasks=task, data_dir=data_dir, max_samples=n, batch_size=4,
+                             output_dir=str(tmp_path / b), save_details=True, progress=False, backend=b, **kw)
+            for b in ("hf", "vllm")}
+    assert runs["vllm"]["backend"] == "vllm" and calls  # the vLLM run really went through vLLM
+    name = task.split("|")[0]
+    assert runs["hf"]["tasks"][name]["value"] == runs["vllm"]["tasks"][name]["value"]
+    hf, vl = _details(runs["hf"], name), _details(runs["vllm"], name)
+    assert len(hf) == len(vl) == n
+    return zip(hf["model_response"], vl["model_response"])
+
+
+def test_lighteval_loglikelihoods_match_transformers(smollm2_path, data_dir, tmp_path, monkeypatch):
+    """lighteval_ptq_vllm.py's path: per-choice log-likelihoods and greedy flags equal the Transformers path's."""
+    for a, b in _both_backends(smollm2_path, data_dir, tmp_path, monkeypatch, "score_rows_vllm", "arc:easy|0", 2,
+                               max_length=256):
         assert list(a["input_tokens"]) == list(b["input_tokens"])
         assert len(a["logprobs"]) == len(b["logprobs"]) >= 2
         for x, y in zip(a["logprobs"], b["logprobs"]):
             assert abs(x - y) < 1e-4
         assert list(a["argmax_logits_eq_gold"]) == list(b["argmax_logits_eq_gold"])
-    assert runs["hf"]["tasks"]["arc:easy"]["value"] == runs["vllm"]["tasks"]["arc:easy"]["value"]
 
 
 def test_lighteval_generation_matches_transformers(smollm2_path, data_dir, tmp_path, monkeypatch):
     """Generative tasks through vLLM (lighteval_ptq_vllm.py): the same greedy texts as lighteval's HF loop."""
-    import osp_eval.vllm_backend as vb
-    from osp_eval.lighteval_run import run_lighteval
-
-    calls, gen = [], vb.generate_vllm
-    monkeypatch.setattr(vb, "generate_vllm", lambda *a: calls.append(1) or gen(*a))
-    cfg = QuantConfig(w_bits=4, w_method="rtn", w_clip=False, rotate_down_proj=True)
-    runs = {b: run_lighteval(smollm2_path, cfg, tasks="trivia_qa|5", data_dir=data_dir, max_samples=3,
-                             batch_size=4, max_length=512, output_dir=str(tmp_path / b), save_details=True,
-                             progress=False, backend=b) for b in ("hf", "vllm")}
-    assert calls  # the vLLM run generated in vLLM
-    hf, vl = _details(runs["hf"], "trivia_qa"), _details(runs["vllm"], "trivia_qa")
-    assert len(hf) == len(vl) == 3
     texts = []
-    for a, b in zip(hf["model_response"], vl["model_response"]):
+    for a, b in _both_backends(smollm2_path, data_dir, tmp_path, monkeypatch, "generate_vllm", "trivia_qa|5", 3,
+                               max_length=512):
         pad = int(a["padded_tokens_count"])  # the HF loop returns its left-padded batch row
         assert list(a["input_tokens"])[pad:] == list(b["input_tokens"])
         assert list(a["text"]) == list(b["text"])
