@@ -9,6 +9,8 @@ call `load` again. Notes: /work/shared/docs/ENVIRONMENT.md §4.
 - qkv_proj reads the one input q/k/v share: it takes their (equal) transform; gate_up_proj likewise.
 - V fake quant is an output hook on the V rows of qkv_proj. K quant (after RoPE, with the Q/K Hadamard)
   would live in vLLM's attention backend: not supported here, use the Transformers path.
+- lighteval through vLLM: multiple-choice rows are scored from prompt log-probs (`score_rows_vllm`), generative
+  tasks decode greedily in vLLM (`generate_vllm`), with the Transformers path's prompts and stop strings.
 - Hooks only run with enforce_eager=True, and lm_head never runs hooks (it is never quantized anyway).
 - Per-token log-probs come from vLLM in fp32 (logits upcast before log_softmax); the Transformers path
   takes cross-entropy in the logits' dtype. Equal for fp32 models; bf16 runs differ slightly.
