@@ -221,6 +221,7 @@ def _model_classes():
             return responses
 
         vllm_engine = None  # set by run_lighteval(backend="vllm"): log-likelihoods and generation in vLLM
+        gen_batch_size = None  # prompts per HF generate() call (None: batch_size)
 
         def greedy_until(self, docs):
             """Generative tasks: lighteval's padded HF loop, or vLLM's scheduler when an engine is set.
@@ -230,7 +231,13 @@ def _model_classes():
             token), stops at EOS or a stop string, and its decoded text is cut at the first stop string. (The
             HF loop sizes the room per padded batch, by its longest prompt; here each document gets its own.)"""
             if self.vllm_engine is None:
-                return super().greedy_until(docs)
+                # lighteval's loop batches by config.batch_size: swap in the generation batch for this call.
+                old = self.config.batch_size
+                self.config.batch_size = self.gen_batch_size or old
+                try:
+                    return super().greedy_until(docs)
+                finally:
+                    self.config.batch_size = old
             from .vllm_backend import generate_vllm
 
             prompts, budgets, stops, cut = [], [], [], []
@@ -350,7 +357,7 @@ def _offline() -> bool:
 def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None, dtype="auto", device=None,
                   data_dir=None, max_samples=None, batch_size=DEFAULT_BATCH, max_length=None,
                   output_dir="results", save_details=False, progress=True, save_qmodel_path=None,
-                  load_qmodel_path=None, backend="hf") -> dict:
+                  load_qmodel_path=None, backend="hf", gen_batch_size=None) -> dict:
     """Quantize `model_name` by `cfg` in memory, evaluate `tasks` with lighteval, write lighteval's JSON and
     our summary. Returns the summary record.
 
@@ -365,8 +372,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     wanted = parse_tasks(tasks)  # fail fast on bad input, before the model loads
     if max_samples is not None and max_samples <= 0:
         raise OspEvalError(f"--max_samples {max_samples} must be positive")
-    if batch_size <= 0:
-        raise OspEvalError(f"--batch_size {batch_size} must be positive")
+    if batch_size <= 0 or (gen_batch_size is not None and gen_batch_size <= 0):
+        raise OspEvalError(f"--batch_size {batch_size} and --gen_batch_size {gen_batch_size} must be positive")
     cfg.validate()
     if backend not in ("hf", "vllm"):
         raise OspEvalError(f"backend {backend!r}: choose hf or vllm")
@@ -421,6 +428,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
                               override_chat_template=False, cache_dir=cache_dir)
         lm = OspLightevalModel.from_model(model, mcfg)
         lm.show_progress = progress
+        lm.gen_batch_size = gen_batch_size
         if backend == "vllm":
             from .vllm_backend import VllmEngine
 
@@ -466,7 +474,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         "bits": f"{cfg.w_bits}-{cfg.a_bits}-{cfg.k_bits}", "config": cfg.to_dict(), **info,
         "tasks": per_task, "skipped": skipped, **bench,
         "max_samples": max_samples, "full_splits": max_samples is None,
-        "batch_size": batch_size, "max_length": max_length, "fewshot_seed": lt.FEWSHOT_SEED, "backend": backend,
+        "batch_size": batch_size, "gen_batch_size": gen_batch_size or batch_size, "max_length": max_length,
+        "fewshot_seed": lt.FEWSHOT_SEED, "backend": backend,
         "tokenization": "context+continuation tokenized together, then split",
         "data_dir": str(ddir) if ddir else None,
         "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - t_start,
@@ -553,7 +562,10 @@ def add_lighteval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_samples", type=int, default=None, help="evaluate only N docs per task (partial numbers)")
     g.add_argument("--batch_size", type=int, default=DEFAULT_BATCH,
                    help="log-likelihood passes hold up to batch_size x max_length tokens (more rows when short); "
-                        "generation runs batch_size prompts at a time")
+                        "generation runs batch_size prompts at a time (see --gen_batch_size)")
+    g.add_argument("--gen_batch_size", type=int, default=None,
+                   help="prompts per generate() call for GSM8K/TriviaQA (default: --batch_size); on a GPU a few "
+                        "hundred keeps the decode loop busier")
     g.add_argument("--max_length", type=int, default=None, help="default: min(2048, the model's max positions)")
     g.add_argument("--save_details", action="store_true", help="also write lighteval's per-sample details")
 
@@ -573,7 +585,7 @@ def action(args) -> None:
                       batch_size=args.batch_size, max_length=args.max_length, output_dir=args.output_dir,
                       save_details=args.save_details, progress=not args.no_progress,
                       save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path,
-                      backend=getattr(args, "backend", "hf"))
+                      backend=getattr(args, "backend", "hf"), gen_batch_size=args.gen_batch_size)
     print(format_table(r))
 
 

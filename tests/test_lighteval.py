@@ -163,3 +163,20 @@ def test_osp_eval_subcommand_has_the_same_flags():
     sub.pop("cmd")
     assert sub.keys() == direct.keys() and all(sub[k] == direct[k] for k in sub if k != "func")
     assert direct["no_rtn"] and direct["kv_bits"] == 4 and direct["max_samples"] == 3
+
+
+def test_gen_batch_size_sets_the_generation_batch(stories_path, data_dir, tmp_path, monkeypatch):
+    """--gen_batch_size reaches lighteval's generate loop (and only it: log-likelihoods keep --batch_size)."""
+    from lighteval.models.transformers.transformers_model import TransformersModel
+
+    seen, real = [], TransformersModel._get_batch_size
+    monkeypatch.setattr(TransformersModel, "_get_batch_size",
+                        lambda self, max_input_length, override_bs, **kw: seen.append(override_bs) or
+                        real(self, max_input_length, override_bs, **kw))
+    r = run_lighteval(stories_path, QuantConfig(), tasks="trivia_qa|5,arc:easy|0", data_dir=data_dir, max_samples=4,
+                      batch_size=8, gen_batch_size=2, output_dir=str(tmp_path), progress=False)
+    assert seen and set(seen) == {2}
+    assert r["gen_batch_size"] == 2 and r["batch_size"] == 8
+    with pytest.raises(OspEvalError, match="gen_batch_size"):
+        run_lighteval(stories_path, QuantConfig(), tasks="arc:easy|0", data_dir=data_dir, gen_batch_size=0,
+                      output_dir=str(tmp_path), progress=False)

@@ -6,7 +6,7 @@ set -uo pipefail
 source benchmarks/gpu/_setup.sh
 NAME=$1 TASKS=$2 LIMIT=$3; shift 3
 echo "== $NAME $TASKS $*"; t0=$SECONDS
-timeout $LIMIT python3 lighteval_ptq.py $M "$@" --tasks "$TASKS" --data_dir /tmp/ldata --batch_size 64 \
+timeout $LIMIT python3 lighteval_ptq.py $M "$@" --tasks "$TASKS" --data_dir /tmp/ldata --batch_size 64 --gen_batch_size 256 \
   --output_dir /tmp/lres/$NAME --no_progress 2>&1 | grep -v -i -E "warn|deprecat" | tail -22
 echo "   ($((SECONDS-t0)) s)"
 cd /tmp/lres && find . -name "*.json" -path "*lighteval*" | tar czf $OUT/lighteval_results.tgz -T - && ls -la $OUT

@@ -16,7 +16,7 @@ for c in "${CFGS[@]}"; do
       timeout $LIMIT python3 -m osp_eval ppl $M $flags --w_rtn --backend $b --output_dir $R --no_progress 2>&1 | grep -E "ppl =|rror" | tail -2
     else
       S=lighteval_ptq.py; [ $b = vllm ] && S=lighteval_ptq_vllm.py
-      timeout $LIMIT python3 $S $M $flags --tasks tasks/tasks.txt --data_dir /tmp/ldata --batch_size 64 \
+      timeout $LIMIT python3 $S $M $flags --tasks tasks/tasks.txt --data_dir /tmp/ldata --batch_size 64 --gen_batch_size 256 \
         --output_dir $R/$name-$b --no_progress 2>&1 | grep -E "average|timings|rror" | tail -4
     fi
     echo "   $1 $name $b: $((SECONDS-t0)) s"
