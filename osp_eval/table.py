@@ -59,6 +59,24 @@ def _spinquant_rotation(model: str, cfg, args) -> str:
     return str(path)
 
 
+def _lighteval_cell(model: str, cfg, ppl_path: Path, qpath: Path | None, args) -> dict:
+    """The cell's lighteval summary: cached next to the table by (PPL cell, tasks, max_samples), else run."""
+    from .lighteval_run import run_lighteval
+    from .results import cell_key
+
+    key = cell_key(tasks=args.tasks, max_samples=args.max_samples, max_length=args.max_length)
+    path = Path(args.output_dir) / "table" / "lighteval" / model_slug(model) / f"{ppl_path.stem}_{key}.json"
+    if path.exists():
+        return {**json.loads(path.read_text()), "cached": True}
+    rec = run_lighteval(model, cfg, tasks=args.tasks, dtype=args.dtype, device=args.device, data_dir=args.data_dir,
+                        max_samples=args.max_samples, batch_size=args.lighteval_batch_size,
+                        max_length=args.max_length, output_dir=args.output_dir, progress=False,
+                        load_qmodel_path=str(qpath) if qpath and qpath.exists() else None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=1, default=str) + "\n")
+    return {**rec, "cached": False}
+
+
 def run_table(args) -> dict:
     models, bits_list = args.models, args.bits or ["4-4-4"]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -67,10 +85,22 @@ def run_table(args) -> dict:
     cells = [(m, b, meth) for m in models for b in bits_list for meth in methods]
     for _, b, meth in cells:  # validate the whole grid before spending time on it
         cell_config(meth, b, args.preset, **overrides)
+    if args.tasks:
+        from .lighteval_run import parse_tasks
+
+        parse_tasks(args.tasks)
     results, failures, t0 = {}, [], time.perf_counter()
+
+    def failed(model, bits, meth, e, metric="ppl"):  # one failing cell must not kill the grid
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        failures.append({"model": model, "bits": bits, "method": meth, "metric": metric, "error": msg,
+                         "traceback": traceback.format_exc() if not isinstance(e, OspEvalError) else None})
+        tqdm.write(f"cell failed: {model_slug(model)} {meth} {bits} ({metric}): {msg}")
+
     bar = tqdm(cells, desc="grid", disable=args.no_progress)
     for i, (model, bits, meth) in enumerate(bar):
-        bar.set_postfix_str(f"{model_slug(model)} {meth} {bits}")
+        eta = f", eta {(time.perf_counter() - t0) / i * (len(cells) - i):.0f}s" if i else ""
+        bar.set_postfix_str(f"{model_slug(model)} {meth} {bits}{eta}")
         try:
             cfg = cell_config(meth, bits, args.preset, **overrides)
             path = ppl_result_path(args.output_dir, model, cfg, seqlen=args.seqlen, max_windows=args.max_windows,
@@ -81,6 +111,9 @@ def run_table(args) -> dict:
                 train_seconds = json.loads(Path(f"{cfg.optimized_rotation_path}.json").read_text())["train_seconds"]
                 path = ppl_result_path(args.output_dir, model, cfg, seqlen=args.seqlen,
                                        max_windows=args.max_windows, dtype=args.dtype, device=args.device)
+            # With --tasks, GPTQ weights are saved once and the lighteval run loads them (no second GPTQ).
+            qpath = (Path(args.output_dir) / "qmodels" / model_slug(model) / f"{path.stem}.pt"
+                     if args.tasks and cfg.w_bits < 16 and cfg.w_method == "gptq" else None)
             if path.exists():
                 rec = json.loads(path.read_text())
                 rec["cached"] = True
@@ -88,19 +121,20 @@ def run_table(args) -> dict:
             else:
                 rec = run_ppl(model, cfg, dtype=args.dtype, device=args.device, data_dir=args.data_dir,
                               seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
-                              output_dir=args.output_dir, progress=False)
+                              output_dir=args.output_dir, progress=False,
+                              save_qmodel_path=str(qpath) if qpath else None)
                 rec["cached"] = False
             # Compute time of the cell (model loading excluded): rotation training + quantization + evaluation.
             rec["cell_seconds"] = train_seconds + rec.get("quantize_seconds", 0.0) + rec.get("eval_seconds", 0.0)
             results[(model, bits, meth)] = rec
-        except Exception as e:  # one failing cell must not kill the grid
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            failures.append({"model": model, "bits": bits, "method": meth, "error": msg,
-                             "traceback": traceback.format_exc() if not isinstance(e, OspEvalError) else None})
-            tqdm.write(f"cell failed: {model_slug(model)} {meth} {bits}: {msg}")
-        done = i + 1
-        eta = (time.perf_counter() - t0) / done * (len(cells) - done)
-        bar.set_postfix_str(f"eta {eta:.0f}s")
+        except Exception as e:
+            failed(model, bits, meth, e)
+            continue
+        if args.tasks:
+            try:
+                rec["lighteval"] = _lighteval_cell(model, cfg, path, qpath, args)
+            except Exception as e:
+                failed(model, bits, meth, e, "lighteval")
     return write_reports(args, models, bits_list, methods, results, failures, time.perf_counter() - t0)
 
 
@@ -119,30 +153,59 @@ def write_reports(args, models, bits_list, methods, results, failures, seconds) 
             for m in models:
                 r = results.get((m, bits, meth))
                 cells.append(f"{r['ppl']:.2f}" if r else "failed")
+                le = (r or {}).get("lighteval") or {}
                 rows.append({"model": model_slug(m), "bits": bits, "method": meth,
                              "ppl": r["ppl"] if r else None, "cached": r.get("cached") if r else None,
                              "seconds": round(r["cell_seconds"], 2) if r else None,
-                             "result": r.get("result_path") if r else None})
+                             "result": r.get("result_path") if r else None,
+                             "lighteval_average": le.get("average"), "lighteval_average_all": le.get("average_all"),
+                             "lighteval_seconds": round(le["total_seconds"], 2) if le else None,
+                             "lighteval_cached": le.get("cached"), "lighteval_result": le.get("result_path")})
             md.append(f"| {ROW_NAMES.get(meth, meth)} | " + " | ".join(cells) + " |")
         md.append("")
-    compute = sum(r["seconds"] or 0.0 for r in rows)
+    if args.tasks:
+        md += _lighteval_md(args, slugs, bits_list, methods, rows)
+    compute = sum((r["seconds"] or 0.0) + (r["lighteval_seconds"] or 0.0) for r in rows)
     md += ["", f"Compute time of the grid: {compute:.1f} s (per cell: rotation training + quantization + evaluation, "
-           "model loading excluded; cached cells count their original time). This invocation: "
+           "model loading excluded except in lighteval runs; cached cells count their original time). This invocation: "
            f"{seconds:.1f} s wall."]
     if failures:
         md += ["", "## Failed cells", ""]
-        md += [f"- {f['model']} {f['method']} {f['bits']}: {f['error']}" for f in failures]
+        md += [f"- {f['model']} {f['method']} {f['bits']} ({f['metric']}): {f['error']}" for f in failures]
     (out / "table.md").write_text("\n".join(md) + "\n")
     with open(out / "table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "bits", "method", "ppl", "cached", "seconds", "result"])
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
         w.writeheader()
         w.writerows(rows)
     _plot(out / "table.png", slugs, bits_list, methods, rows)
     summary = {"seconds": seconds, "compute_seconds": compute, "cells": len(rows),
                "computed": sum(1 for r in rows if r["cached"] is False),
+               "lighteval_computed": sum(1 for r in rows if r["lighteval_cached"] is False),
                "failed": failures, "files": [str(out / n) for n in ("table.md", "table.csv", "table.png")]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _lighteval_md(args, slugs, bits_list, methods, rows) -> list[str]:
+    """The lighteval section: per method and model, the average over exact-data benchmarks (and over all)."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    md = [f"# Lighteval benchmarks ({args.tasks}" + (f", first {args.max_samples} docs per task" if args.max_samples
+                                                      else ", full splits") + ")", "",
+          "Average accuracy (%) over the benchmarks scored on exact data; in brackets, including the not-exact local "
+          "copies. Per-task numbers: the lighteval_result files.", ""]
+    for bits in bits_list:
+        md += [f"## W-A-KV {bits}", "", "| Method | " + " | ".join(slugs) + " |", "|---|" + "---:|" * len(slugs)]
+        for meth in methods:
+            cells = []
+            for slug in slugs:
+                r = next(x for x in rows if x["model"] == slug and x["bits"] == bits and x["method"] == meth)
+                cells.append("failed" if r["lighteval_result"] is None else
+                             f"{pct(r['lighteval_average'])} ({pct(r['lighteval_average_all'])})")
+            md.append(f"| {ROW_NAMES.get(meth, meth)} | " + " | ".join(cells) + " |")
+        md.append("")
+    return md
 
 
 def _plot(path: Path, slugs, bits_list, methods, rows) -> None:
@@ -192,6 +255,12 @@ def add_cli(sub) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_windows", type=int, default=None)
+    p.add_argument("--tasks", default=None,
+                   help="also run these lighteval tasks for every cell (a tasks file such as tasks/tasks.txt, or "
+                        "task|shots entries); GPTQ and SpinQuant rotations are reused, not recomputed")
+    p.add_argument("--max_samples", type=int, default=None, help="lighteval: docs per task (partial numbers)")
+    p.add_argument("--lighteval_batch_size", type=int, default=32, help="lighteval_ptq.py's --batch_size")
+    p.add_argument("--max_length", type=int, default=None, help="lighteval_ptq.py's --max_length")
     p.add_argument("--spinquant_steps", type=int, default=100, help="rotation training steps (SpinQuant row)")
     p.add_argument("--spinquant_nsamples", type=int, default=800, help="rotation training windows")
     p.add_argument("--spinquant_seqlen", type=int, default=2048, help="rotation training window length")

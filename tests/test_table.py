@@ -64,3 +64,24 @@ def test_spinquant_row_trains_once_and_caches(stories_path, data_dir, tmp_path):
     assert rec["config"]["optimized_rotation_path"] == str(rot[0]) and rec["method"] == "spinquant"
     subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
     assert json.loads((tmp_path / "table" / "summary.json").read_text())["computed"] == 0
+
+
+def test_grid_with_lighteval_reuses_gptq_and_caches(stories_path, data_dir, tmp_path):
+    """--tasks adds a lighteval average per cell; the GPTQ cell's lighteval run loads the PPL run's weights
+    (no second GPTQ); a rerun computes nothing."""
+    args = [sys.executable, "-m", "osp_eval", "table", stories_path, "--bits", "4-16-16", "--methods", "rtn,gptq",
+            "--calib_data", "c4", "--nsamples", "4", "--calib_seqlen", "64", "--seqlen", "128", "--max_windows", "1",
+            "--tasks", "arc:easy|0,piqa|0", "--max_samples", "3", "--data_dir", data_dir,
+            "--output_dir", str(tmp_path), "--no_progress"]
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "table" / "summary.json").read_text())
+    assert s["computed"] == 2 and s["lighteval_computed"] == 2 and not s["failed"]
+    rows = list(csv.DictReader(open(tmp_path / "table" / "table.csv")))
+    assert all(0 <= float(r["lighteval_average"]) <= 1 for r in rows)
+    gptq = json.loads(Path(next(r for r in rows if r["method"] == "gptq")["lighteval_result"]).read_text())
+    assert gptq["loaded_from"].endswith(".pt") and gptq["method"] == "gptq"
+    assert "# Lighteval benchmarks" in (tmp_path / "table" / "table.md").read_text()
+    subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    s2 = json.loads((tmp_path / "table" / "summary.json").read_text())
+    assert s2["computed"] == 0 and s2["lighteval_computed"] == 0
