@@ -180,3 +180,32 @@ def test_gen_batch_size_sets_the_generation_batch(stories_path, data_dir, tmp_pa
     with pytest.raises(OspEvalError, match="gen_batch_size"):
         run_lighteval(stories_path, QuantConfig(), tasks="arc:easy|0", data_dir=data_dir, gen_batch_size=0,
                       output_dir=str(tmp_path), progress=False)
+
+
+def test_hub_route_requests_the_pinned_datasets(stories_path, data_dir, tmp_path, monkeypatch):
+    """Without --data_dir (online), every task loads its pinned hub repo, subset and revision through lighteval.
+    No network here: `load_dataset` is intercepted, records the request and serves the same rows from the
+    local copy, so the run completes through the real pipeline."""
+    import lighteval.tasks.lighteval_task as ltask
+
+    from osp_eval import lighteval_run
+    from osp_eval import lighteval_tasks as lt
+
+    monkeypatch.delenv("OSP_EVAL_DATA", raising=False)
+    monkeypatch.setattr(lighteval_run, "_offline", lambda: False)
+    requests, real = [], ltask.load_dataset
+
+    def fake_hub(path, name=None, revision=None, **kw):
+        requests.append((path, name, revision))
+        task = next(n for n, c in lt.TASKS.items() if (c.hf_repo, c.hf_subset) == (path, name))
+        local = lighteval_run._local_configs([task], Path(data_dir), False)[0][0]
+        return real(path=local.hf_repo, name=local.hf_subset)
+
+    monkeypatch.setattr(ltask, "load_dataset", fake_hub)
+    r = run_lighteval(stories_path, QuantConfig(), tasks="arc:easy|0,piqa|0", data_dir=None, max_samples=2,
+                      batch_size=8, output_dir=str(tmp_path), progress=False)
+    want = {(lt.TASKS[n].hf_repo, lt.TASKS[n].hf_subset, lt.TASKS[n].hf_revision) for n in ("arc:easy", "piqa")}
+    assert set(requests) == want and all(rev for _, _, rev in requests)  # pinned revisions, never "latest"
+    for n in ("arc:easy", "piqa"):
+        t = r["tasks"][n]
+        assert t["data"] == "hub" and t["revision"] == lt.TASKS[n].hf_revision and 0 <= t["value"] <= 1
