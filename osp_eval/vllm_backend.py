@@ -11,6 +11,9 @@ call `load` again. Notes: /work/shared/docs/ENVIRONMENT.md §4.
   would live in vLLM's attention backend: not supported here, use the Transformers path.
 - lighteval through vLLM: multiple-choice rows are scored from prompt log-probs (`score_rows_vllm`), generative
   tasks decode greedily in vLLM (`generate_vllm`), with the Transformers path's prompts and stop strings.
+- One GPU (tensor_parallel_size 1). With TP > 1 vLLM's row-parallel Linears (o_proj, down_proj) each see a slice
+  of every token's input, so per-token activation ranges and the down_proj Hadamard would be computed per slice,
+  not over the row as in the reference; only weight-only configs would carry over unchanged. Not offered.
 - Hooks only run with enforce_eager=True, and lm_head never runs hooks (it is never quantized anyway).
 - Per-token log-probs come from vLLM in fp32 (logits upcast before log_softmax); the Transformers path
   takes cross-entropy in the logits' dtype. Equal for fp32 models; bf16 runs differ slightly.
