@@ -238,7 +238,8 @@ def _plot(path: Path, slugs, bits_list, methods, rows) -> None:
 def _cmd(args) -> None:
     s = run_table(args)
     print((Path(args.output_dir) / "table" / "table.md").read_text())
-    print(f"{s['cells']} cells ({s['computed']} computed, {len(s['failed'])} failed) in {s['seconds']:.1f}s; "
+    le = f", lighteval: {s['lighteval_computed']} computed" if args.tasks else ""
+    print(f"{s['cells']} cells ({s['computed']} computed, {len(s['failed'])} failed{le}) in {s['seconds']:.1f}s; "
           f"files: {', '.join(s['files'])}")
 
 
