@@ -249,13 +249,14 @@ def add_cli(sub) -> None:
     p.add_argument("more_models", nargs="*", help="further models (columns)")
     p.add_argument("--bits", action="append", help="W-A-KV, repeatable (default 4-4-4)")
     p.add_argument("--methods", default="rtn,ffn_had,gptq,quarot,spinquant")
-    p.add_argument("--preset", default="osp")
-    p.add_argument("--calib_data", default=None)
-    p.add_argument("--nsamples", type=int, default=None)
-    p.add_argument("--calib_seqlen", type=int, default=None)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--max_windows", type=int, default=None)
+    p.add_argument("--preset", default="osp", help="recipe preset: osp (the OSP scripts) or quarot_paper")
+    p.add_argument("--calib_data", default=None,
+                   help="GPTQ / SpinQuant data: wikitext2 (train, the reference's; needs the hub), c4, or a text file")
+    p.add_argument("--nsamples", type=int, default=None, help="GPTQ calibration windows (default 128)")
+    p.add_argument("--calib_seqlen", type=int, default=None, help="GPTQ calibration window length (default 2048)")
+    p.add_argument("--seqlen", type=int, default=2048, help="WikiText-2 window length")
+    p.add_argument("--batch_size", type=int, default=4, help="PPL windows per forward")
+    p.add_argument("--max_windows", type=int, default=None, help="only the first N windows (partial numbers)")
     p.add_argument("--tasks", default=None,
                    help="also run these lighteval tasks for every cell (a tasks file such as tasks/tasks.txt, or "
                         "task|shots entries); GPTQ and SpinQuant rotations are reused, not recomputed")
