@@ -1,4 +1,4 @@
-# Sourced by the GPU suites (after prep_part.sh put the GGUF's first half in /tmp/gg): the gguf wheel, the
+# Sourced by the GPU suites (after `stage.sh .gpu/p1` put the GGUF's first half in /tmp/gg): the gguf wheel, the
 # environment, and SmolLM2-135M converted to a bf16 HF folder in $M (skipped when a warm machine has it).
 [ -d /tmp/py/site-packages/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/py/site-packages .gpu/whl/*.whl
 export PYTHONPATH=/tmp/py/site-packages:$PWD OSP_EVAL_DATA=$PWD/.gpu/data HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
