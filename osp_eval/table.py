@@ -244,6 +244,8 @@ def _cmd(args) -> None:
 
 
 def add_cli(sub) -> None:
+    from .lighteval_run import DEFAULT_BATCH  # lighteval itself is imported lazily, not here
+
     p = sub.add_parser("table", help="the OSP README's PPL grid: methods × models × bit settings")
     add_model_args(p)
     p.add_argument("more_models", nargs="*", help="further models (columns)")
@@ -261,7 +263,7 @@ def add_cli(sub) -> None:
                    help="also run these lighteval tasks for every cell (a tasks file such as tasks/tasks.txt, or "
                         "task|shots entries); GPTQ and SpinQuant rotations are reused, not recomputed")
     p.add_argument("--max_samples", type=int, default=None, help="lighteval: docs per task (partial numbers)")
-    p.add_argument("--lighteval_batch_size", type=int, default=32, help="lighteval_ptq.py's --batch_size")
+    p.add_argument("--lighteval_batch_size", type=int, default=DEFAULT_BATCH, help="lighteval_ptq.py's --batch_size")
     p.add_argument("--max_length", type=int, default=None, help="lighteval_ptq.py's --max_length")
     p.add_argument("--spinquant_steps", type=int, default=100, help="rotation training steps (SpinQuant row)")
     p.add_argument("--spinquant_nsamples", type=int, default=800, help="rotation training windows")
