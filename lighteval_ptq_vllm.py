@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """lighteval_ptq.py with log-likelihoods and greedy generation in vLLM (same flags, same results files plus
-"backend": "vllm").
+"backend": "vllm"); the same as `lighteval_ptq.py --backend vllm`.
 
-    python lighteval_ptq_vllm.py MODEL --w_bits 4 --a_bits 4 [--rotate | --rotate_down_proj] --tasks tasks/tasks.txt
+    python lighteval_ptq_vllm.py MODEL --w_bits 4 --a_bits 4 --kv_bits 4 [--rotate | --rotate_down_proj] \
+        --tasks tasks/tasks.txt [--loglik_backend hf|vllm]
 
 The model is quantized by Transformers as usual, then pushed into an in-process vLLM engine
-(osp_eval/vllm_backend.py), which scores the multiple-choice rows (prompt log-probs) and generates for GSM8K and
-TriviaQA with the Transformers path's prompts and stop strings; --kv_bits < 16 is not supported.
+(osp_eval/vllm_backend.py) with its online transforms (activation and K/V fake quant, online Hadamards), which
+generates for GSM8K and TriviaQA with the Transformers path's prompts and stop strings and scores the
+multiple-choice rows from prompt log-probs (--loglik_backend hf leaves those to the Transformers model).
 lighteval's own vLLM backend does not work with vLLM 0.32 (see the shared ENVIRONMENT.md §6).
 """
 

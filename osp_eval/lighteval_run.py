@@ -37,6 +37,8 @@ from .errors import OspEvalError
 
 REPO_TASKS = Path(__file__).resolve().parents[1] / "tasks" / "tasks.txt"
 DEFAULT_BATCH = 32
+# With --backend vllm, who scores the log-likelihood tasks: vLLM unless measured slower (benchmarks/RESULTS.md).
+VLLM_LOGLIK_BACKEND = "vllm"
 
 
 # ---------------------------------------------------------------- tasks file
@@ -220,7 +222,8 @@ def _model_classes():
                     truncated_tokens_count=max(p[2] for p in per)))
             return responses
 
-        vllm_engine = None  # set by run_lighteval(backend="vllm"): log-likelihoods and generation in vLLM
+        vllm_engine = None  # set by run_lighteval(backend="vllm"): generation in vLLM
+        vllm_loglik = True  # and log-likelihoods too (False: the Transformers model scores them)
         gen_batch_size = None  # prompts per HF generate() call (None: batch_size)
 
         def greedy_until(self, docs):
@@ -265,7 +268,7 @@ def _model_classes():
         @torch.no_grad()
         def _score_rows(self, batch):
             """[(logprob sum, greedy == continuation, tokens cut)] for rows of (i, j, context, continuation)."""
-            if self.vllm_engine is not None:
+            if self.vllm_engine is not None and self.vllm_loglik:
                 from .vllm_backend import score_rows_vllm
 
                 return score_rows_vllm(self.vllm_engine, batch, self.max_length)
@@ -357,12 +360,14 @@ def _offline() -> bool:
 def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None, dtype="auto", device=None,
                   data_dir=None, max_samples=None, batch_size=DEFAULT_BATCH, max_length=None,
                   output_dir="results", save_details=False, progress=True, save_qmodel_path=None,
-                  load_qmodel_path=None, backend="hf", gen_batch_size=None) -> dict:
+                  load_qmodel_path=None, backend="hf", gen_batch_size=None,
+                  loglik_backend=None) -> dict:
     """Quantize `model_name` by `cfg` in memory, evaluate `tasks` with lighteval, write lighteval's JSON and
     our summary. Returns the summary record.
 
-    backend "vllm": log-likelihoods and greedy generation run in a vLLM engine holding the same quantized model
-    (osp_eval.vllm_backend)."""
+    backend "vllm": greedy generation runs in a vLLM engine holding the same quantized model
+    (osp_eval.vllm_backend), and so do log-likelihoods unless loglik_backend is "hf" (default:
+    VLLM_LOGLIK_BACKEND, the faster one measured; see benchmarks/RESULTS.md)."""
     from .data import data_dir as resolve_data_dir
     from .models import load_config, resolve_model
     from .pipeline import load_and_quantize, method_name, model_slug
@@ -377,9 +382,11 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     cfg.validate()
     if backend not in ("hf", "vllm"):
         raise OspEvalError(f"backend {backend!r}: choose hf or vllm")
-    if backend == "vllm" and cfg.k_bits < 16:
-        raise OspEvalError(f"--k_bits/--kv_bits {cfg.k_bits}: K-cache quantization is supported only in the "
-                           "Transformers path (lighteval_ptq.py)")
+    if loglik_backend not in (None, "hf", "vllm"):
+        raise OspEvalError(f"--loglik_backend {loglik_backend!r}: choose hf or vllm")
+    if backend == "hf" and loglik_backend == "vllm":
+        raise OspEvalError("--loglik_backend vllm needs the vLLM path (lighteval_ptq_vllm.py or --backend vllm)")
+    loglik_backend = backend if backend == "hf" else (loglik_backend or VLLM_LOGLIK_BACKEND)
     ddir = resolve_data_dir(data_dir)
     if ddir is None and _offline():
         raise OspEvalError("offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): pass --data_dir DIR (or set "
@@ -413,7 +420,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     method = method_name(cfg)
     slug = model_slug(model_name, gguf_file)
     key = cell_key(config=cfg.to_dict(), tasks=run_tasks, max_samples=max_samples, data=str(ddir) if ddir else None,
-                   dtype=info["dtype"], max_length=max_length, **({} if backend == "hf" else {"backend": backend}))
+                   dtype=info["dtype"], max_length=max_length, **({} if backend == "hf" else {"backend": backend, "loglik_backend": loglik_backend}))
     stem = f"{method}_w{cfg.w_bits}a{cfg.a_bits}kv{cfg.k_bits}_{key}"
     out = Path(output_dir) / "lighteval" / slug
     module = types.ModuleType("osp_tasks")
@@ -433,7 +440,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
             from .vllm_backend import VllmEngine
 
             # max_length + 1 prompt tokens (the last is only a target) and the one generated token.
-            lm.vllm_engine = VllmEngine(model, tok, max_model_len=max_length + 2, cfg=cfg)
+            lm.vllm_engine = VllmEngine(model, tok, max_model_len=max_length + 2)
+            lm.vllm_loglik = loglik_backend == "vllm"
         tracker = EvaluationTracker(output_dir=str(out / stem), save_details=save_details)
         params = PipelineParameters(launcher_type=ParallelismManager.NONE, custom_tasks_directory=module,
                                     max_samples=max_samples)
@@ -476,6 +484,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         "max_samples": max_samples, "full_splits": max_samples is None,
         "batch_size": batch_size, "gen_batch_size": gen_batch_size or batch_size, "max_length": max_length,
         "fewshot_seed": lt.FEWSHOT_SEED, "backend": backend,
+        "backends": {"loglikelihood": loglik_backend, "generation": backend},
         "tokenization": "context+continuation tokenized together, then split",
         "data_dir": str(ddir) if ddir else None,
         "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - t_start,
@@ -567,6 +576,12 @@ def add_lighteval_args(p: argparse.ArgumentParser) -> None:
                    help="prompts per generate() call for GSM8K/TriviaQA (default: --batch_size); on a GPU a few "
                         "hundred keeps the decode loop busier")
     g.add_argument("--max_length", type=int, default=None, help="default: min(2048, the model's max positions)")
+    g.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="vllm: generation (and log-likelihoods, see --loglik_backend) in an in-process vLLM engine "
+                        "holding the same quantized model; lighteval_ptq_vllm.py is this flag's shortcut")
+    g.add_argument("--loglik_backend", choices=["hf", "vllm"], default=None,
+                   help=f"with --backend vllm: who scores the multiple-choice tasks (default {VLLM_LOGLIK_BACKEND}, "
+                        "the faster one measured on an H100; see benchmarks/RESULTS.md)")
     g.add_argument("--save_details", action="store_true", help="also write lighteval's per-sample details")
 
 
@@ -585,7 +600,7 @@ def action(args) -> None:
                       batch_size=args.batch_size, max_length=args.max_length, output_dir=args.output_dir,
                       save_details=args.save_details, progress=not args.no_progress,
                       save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path,
-                      backend=getattr(args, "backend", "hf"), gen_batch_size=args.gen_batch_size)
+                      backend=args.backend, gen_batch_size=args.gen_batch_size, loglik_backend=args.loglik_backend)
     print(format_table(r))
 
 

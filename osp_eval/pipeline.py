@@ -114,9 +114,6 @@ def run_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", 
 
     if backend not in ("hf", "vllm"):
         raise OspEvalError(f"--backend {backend!r}: choose hf or vllm")
-    if backend == "vllm" and cfg.k_bits < 16:
-        raise OspEvalError(f"--k_bits/--kv_bits {cfg.k_bits}: K-cache quantization is supported only in the "
-                           "Transformers path (--backend hf)")
     check_seqlen(load_config(*resolve_model(model_name, gguf_file)), seqlen)
     text = wikitext2_text("test", data_dir)  # fail fast on missing data, before loading the model
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
@@ -126,7 +123,7 @@ def run_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", 
     if backend == "vllm":
         from .vllm_backend import VllmEngine, perplexity_vllm
 
-        engine = VllmEngine(model, tok, max_model_len=seqlen + 1, cfg=cfg)
+        engine = VllmEngine(model, tok, max_model_len=seqlen + 1)
         res = perplexity_vllm(engine, ids, seqlen, max_windows, batch_size, progress)
         res["vllm_start_seconds"] = engine.start_seconds
     else:

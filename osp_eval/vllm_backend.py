@@ -7,8 +7,10 @@ as forward pre-hooks, so the online math is the same code. One engine serves man
 call `load` again. Notes: /work/shared/docs/ENVIRONMENT.md §4.
 
 - qkv_proj reads the one input q/k/v share: it takes their (equal) transform; gate_up_proj likewise.
-- V fake quant is an output hook on the V rows of qkv_proj. K quant (after RoPE, with the Q/K Hadamard)
-  would live in vLLM's attention backend: not supported here, use the Transformers path.
+- V fake quant is an output hook on the V rows of qkv_proj. K quant (with the Q/K Hadamard) is a pre-hook on
+  vLLM's Attention module, which receives q/k after RoPE and before the KV-cache write: the cache then holds
+  quantized keys, which is what the Transformers path computes by re-quantizing its cached keys every step
+  (rotation and rounding are per token and head, hence deterministic).
 - lighteval through vLLM: multiple-choice rows are scored from prompt log-probs (`score_rows_vllm`), generative
   tasks decode greedily in vLLM (`generate_vllm`), with the Transformers path's prompts and stop strings.
 - One GPU (tensor_parallel_size 1). With TP > 1 vLLM's row-parallel Linears (o_proj, down_proj) each see a slice
@@ -65,16 +67,11 @@ def _plain_cpu_gemm(layer: nn.Module, remove_weight: bool) -> None:
     layer.cpu_linear = F.linear
 
 
-def check_supported(model: nn.Module, cfg) -> None:
+def check_supported(model: nn.Module) -> None:
     """Clear errors for what the vLLM path cannot run, before starting an engine."""
     from vllm import ModelRegistry
     from vllm.platforms import current_platform
 
-    if cfg is not None and cfg.k_bits < 16:
-        raise OspEvalError(
-            f"--k_bits/--kv_bits {cfg.k_bits}: K-cache quantization is supported only in the Transformers path "
-            "(--backend hf); it would need changes inside vLLM's attention backend"
-        )
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     if arch not in ModelRegistry.get_supported_archs():
         raise OspEvalError(f"vLLM cannot load architecture {arch}: use --backend hf")
@@ -134,6 +131,25 @@ def _set_v_hook(qkv: nn.Module, v_quant, v_start: int) -> None:
         qkv.osp_v_hook = qkv.register_forward_hook(_v_output_hook)
 
 
+def _k_pre_hook(module: nn.Module, args):
+    """KSpec on vLLM's flat [tokens, heads * head_dim] q/k: the same math per (token, head) as on the
+    Transformers path's [batch, heads, tokens, head_dim] (K's quant group is one head)."""
+    q, k = args[0], args[1]
+    d = module.osp_head_dim
+    q2, k2 = module.osp_k(q.reshape(*q.shape[:-1], -1, d), k.reshape(*k.shape[:-1], -1, d))
+    return (q2.reshape(q.shape), k2.reshape(k.shape)) + tuple(args[2:])
+
+
+def _set_k_hook(attn: nn.Module, kspec, head_dim: int) -> None:
+    if hasattr(attn, "osp_k_hook"):
+        attn.osp_k_hook.remove()
+        del attn.osp_k_hook
+        del attn.osp_k
+    if kspec is not None:
+        attn.osp_k, attn.osp_head_dim = kspec, head_dim
+        attn.osp_k_hook = attn.register_forward_pre_hook(_k_pre_hook)
+
+
 def _install(vmodel: nn.Module, parts: list[dict]) -> None:
     """Runs in the engine's worker: one dict per decoder layer (see VllmEngine.load)."""
     layers = vmodel.model.layers
@@ -146,18 +162,19 @@ def _install(vmodel: nn.Module, parts: list[dict]) -> None:
         _set_input_hook(mlp.gate_up_proj, p["gate_up"])
         _set_input_hook(mlp.down_proj, p["down"])
         _set_v_hook(attn.qkv_proj, p["v_quant"], p["v_start"])
+        _set_k_hook(attn.attn, p["k"], p["head_dim"])
 
 
 class VllmEngine:
     """An in-process vLLM engine shaped like one Transformers model; `load` pushes a quantized copy into it."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, max_model_len: int = 2049, cfg=None, seed: int = 0,
+    def __init__(self, model: nn.Module, tokenizer, *, max_model_len: int = 2049, seed: int = 0,
                  gpu_memory: float | None = None):
         """`gpu_memory`: the fraction of the GPU vLLM may take (weights + KV cache); the Transformers model
         lives on the same GPU, so the default leaves room for it ($OSP_EVAL_VLLM_GPU_MEMORY, else 0.45)."""
         vllm = _import_vllm()
         gpu_memory = gpu_memory or float(os.environ.get("OSP_EVAL_VLLM_GPU_MEMORY", 0.45))
-        check_supported(model, cfg if cfg is not None else getattr(model, "osp_config", None))
+        check_supported(model)
         import vllm.model_executor.layers.utils as vutils
 
         vutils.dispatch_cpu_unquantized_gemm = _plain_cpu_gemm  # looked up at load time: patch before LLM()
@@ -184,14 +201,11 @@ class VllmEngine:
         except Exception as e:  # vLLM raises many kinds; keep the first line
             raise OspEvalError(f"vLLM could not start for this model: {str(e).splitlines()[0] if str(e) else e!r}") from e
         self.start_seconds = time.perf_counter() - t0
-        self.load(model, cfg)
+        self.load(model)
 
     @torch.no_grad()
-    def load(self, model: nn.Module, cfg=None) -> None:
-        """Push `model`'s weights and online transforms (activation quant, online Hadamards, V quant)."""
-        cfg = cfg if cfg is not None else getattr(model, "osp_config", None)
-        if cfg is not None and cfg.k_bits < 16:
-            check_supported(model, cfg)
+    def load(self, model: nn.Module) -> None:
+        """Push `model`'s weights and online transforms (activation quant, online Hadamards, K and V quant)."""
         ad = get_adapter(model)
         dims = ad.dims(model)
         parts = []
@@ -202,6 +216,7 @@ class VllmEngine:
             parts.append({
                 "qkv": _same([t["q"], t["k"], t["v"]]), "o": t["o"], "gate_up": _same([t["gate"], t["up"]]),
                 "down": t["down"], "v_quant": v_out, "v_start": (dims.num_heads + dims.num_kv_heads) * dims.head_dim,
+                "k": getattr(ad.attention(layer), "osp_k", None), "head_dim": dims.head_dim,
             })
         sd = _state_dict(model)
         # The engine may hold another dtype/device than the HF model; load_weights copies into its params.

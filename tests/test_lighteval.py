@@ -135,6 +135,9 @@ def test_cli_errors_are_one_line(tmp_path, stories_path, data_dir):
                         "--tasks", str(tmp_path / "nope.txt")], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "--tasks file not found" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "lighteval_ptq.py"), stories_path, "--data_dir", data_dir,
+                        "--loglik_backend", "vllm"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "needs the vLLM path" in r.stderr, r.stderr
 
 
 def test_missing_local_data_is_a_listed_skip(tmp_path, stories_path, data_dir):
