@@ -427,6 +427,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     module.TASKS_TABLE = configs
     OspModelConfig, OspLightevalModel = _model_classes()
     cache_dir = tempfile.mkdtemp(prefix="osp-lighteval-cache-")  # fresh per evaluation: see the module doc
+    vllm_start = None
     try:
         # model_name is the same for every configuration of one model: only the fresh cache_dir keeps a
         # quantized model from reading another one's cached answers (the test relies on that).
@@ -442,6 +443,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
             # max_length + 1 prompt tokens (the last is only a target) and the one generated token.
             lm.vllm_engine = VllmEngine(model, tok, max_model_len=max_length + 2)
             lm.vllm_loglik = loglik_backend == "vllm"
+            vllm_start = lm.vllm_engine.start_seconds
         tracker = EvaluationTracker(output_dir=str(out / stem), save_details=save_details)
         params = PipelineParameters(launcher_type=ParallelismManager.NONE, custom_tasks_directory=module,
                                     max_samples=max_samples)
@@ -487,7 +489,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         "backends": {"loglikelihood": loglik_backend, "generation": backend},
         "tokenization": "context+continuation tokenized together, then split",
         "data_dir": str(ddir) if ddir else None,
-        "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - t_start,
+        "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - t_start, "vllm_start_seconds": vllm_start,
         "lighteval_output": str(out / stem),
     }
     record["result_path"] = str(save_result(record, out, stem))
@@ -547,8 +549,10 @@ def format_table(r: dict) -> str:
                  "benchmarks (ARC = mean of easy and challenge)")
     if not r["full_splits"]:
         lines.append(f"PARTIAL: --max_samples {r['max_samples']} docs per task; not comparable with full runs")
-    lines.append(f"timings: quantize {r['quantize_seconds']:.1f}s, evaluate {r['eval_seconds']:.1f}s, "
-                 f"total {r['total_seconds']:.1f}s")
+    engine = f"vLLM start {r['vllm_start_seconds']:.1f}s, " if r.get("vllm_start_seconds") is not None else ""
+    lines.append(f"timings: quantize {r['quantize_seconds']:.1f}s, {engine}evaluate {r['eval_seconds']:.1f}s, "
+                 f"total {r['total_seconds']:.1f}s  (log-likelihoods: {r['backends']['loglikelihood']}, "
+                 f"generation: {r['backends']['generation']})")
     lines.append(f"summary: {r['result_path']}")
     lines.append(f"lighteval output: {r['lighteval_output']}")
     return "\n".join(lines)
