@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from .cli_args import add_model_args, add_quant_args, config_from_args
 from .errors import OspEvalError
@@ -57,6 +59,8 @@ def run(func, args) -> int:
     try:
         func(args)
     except OspEvalError as e:
+        if os.environ.get("OSP_EVAL_TRACEBACK"):  # for bug reports: the full chain behind the one-line error
+            traceback.print_exc()
         print(f"osp-eval: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

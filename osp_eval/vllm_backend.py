@@ -52,6 +52,8 @@ def _import_vllm():
     # A full window of max_position_embeddings tokens needs 1-2 more slots (the one generated token); callers
     # check their windows against the model's positions. Set before any engine: vLLM caches its env vars.
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    # Greedy decoding never samples top-k/top-p: without this, CUDA engines import FlashInfer for its sampler.
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     try:
         import vllm
     except ImportError as e:
