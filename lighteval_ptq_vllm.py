@@ -7,8 +7,9 @@
 
 The model is quantized by Transformers as usual, then pushed into an in-process vLLM engine
 (osp_eval/vllm_backend.py) with its online transforms (activation and K/V fake quant, online Hadamards), which
-generates for GSM8K and TriviaQA with the Transformers path's prompts and stop strings and scores the
-multiple-choice rows from prompt log-probs (--loglik_backend hf leaves those to the Transformers model).
+generates for GSM8K and TriviaQA with the Transformers path's prompts and stop strings. The multiple-choice rows
+are scored where it was measured faster (H100, SmolLM2-135M: by the Transformers model, 86 s vs > 200 s for
+vLLM's prompt log-probs; benchmarks/RESULTS.md); --loglik_backend vllm scores them in vLLM instead.
 lighteval's own vLLM backend does not work with vLLM 0.32 (see the shared ENVIRONMENT.md §6).
 """
 

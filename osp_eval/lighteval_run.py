@@ -37,8 +37,9 @@ from .errors import OspEvalError
 
 REPO_TASKS = Path(__file__).resolve().parents[1] / "tasks" / "tasks.txt"
 DEFAULT_BATCH = 32
-# With --backend vllm, who scores the log-likelihood tasks: vLLM unless measured slower (benchmarks/RESULTS.md).
-VLLM_LOGLIK_BACKEND = "vllm"
+# With --backend vllm, who scores the log-likelihood tasks by default: the faster one measured. H100, SmolLM2-135M,
+# nine tasks on full data: Transformers 86 s, vLLM > 200 s (generation: vLLM 19.5 s vs 141 s). benchmarks/RESULTS.md
+VLLM_LOGLIK_BACKEND = "hf"
 
 
 # ---------------------------------------------------------------- tasks file
@@ -366,8 +367,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     our summary. Returns the summary record.
 
     backend "vllm": greedy generation runs in a vLLM engine holding the same quantized model
-    (osp_eval.vllm_backend), and so do log-likelihoods unless loglik_backend is "hf" (default:
-    VLLM_LOGLIK_BACKEND, the faster one measured; see benchmarks/RESULTS.md)."""
+    (osp_eval.vllm_backend); log-likelihoods run where loglik_backend says (default VLLM_LOGLIK_BACKEND,
+    the faster one measured; see benchmarks/RESULTS.md)."""
     from .data import data_dir as resolve_data_dir
     from .models import load_config, resolve_model
     from .pipeline import load_and_quantize, method_name, model_slug
@@ -581,7 +582,7 @@ def add_lighteval_args(p: argparse.ArgumentParser) -> None:
                         "hundred keeps the decode loop busier")
     g.add_argument("--max_length", type=int, default=None, help="default: min(2048, the model's max positions)")
     g.add_argument("--backend", choices=["hf", "vllm"], default="hf",
-                   help="vllm: generation (and log-likelihoods, see --loglik_backend) in an in-process vLLM engine "
+                   help="vllm: generation (and log-likelihoods with --loglik_backend vllm) in an in-process vLLM engine "
                         "holding the same quantized model; lighteval_ptq_vllm.py is this flag's shortcut")
     g.add_argument("--loglik_backend", choices=["hf", "vllm"], default=None,
                    help=f"with --backend vllm: who scores the multiple-choice tasks (default {VLLM_LOGLIK_BACKEND}, "

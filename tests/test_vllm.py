@@ -224,7 +224,8 @@ def _both_backends(smollm2_path, data_dir, tmp_path, monkeypatch, hook: str, tas
     monkeypatch.setattr(vb, hook, lambda *a: calls.append(1) or real(*a))
     cfg = QuantConfig(w_bits=4, w_method="rtn", w_clip=False, rotate_down_proj=True)
     runs = {b: run_lighteval(smollm2_path, cfg, tasks=task, data_dir=data_dir, max_samples=n, batch_size=4,
-                             output_dir=str(tmp_path / b), save_details=True, progress=False, backend=b, **kw)
+                             output_dir=str(tmp_path / b), save_details=True, progress=False, backend=b,
+                             **({"loglik_backend": "vllm"} if b == "vllm" else {}), **kw)
             for b in ("hf", "vllm")}
     assert runs["vllm"]["backend"] == "vllm" and calls  # the vLLM run really went through vLLM
     name = task.split("|")[0]
