@@ -38,7 +38,7 @@ from .errors import OspEvalError
 REPO_TASKS = Path(__file__).resolve().parents[1] / "tasks" / "tasks.txt"
 DEFAULT_BATCH = 32
 # With --backend vllm, who scores the log-likelihood tasks by default: the faster one measured. H100, SmolLM2-135M,
-# nine tasks on full data: Transformers 86 s, vLLM > 200 s (generation: vLLM 19.5 s vs 141 s). benchmarks/RESULTS.md
+# nine tasks on full data: Transformers 86 s, vLLM unfinished at 200 s (generation: vLLM 19.5 s vs 141 s); RESULTS.md
 VLLM_LOGLIK_BACKEND = "hf"
 
 
@@ -420,8 +420,9 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
                                          load_qmodel_path=load_qmodel_path)
     method = method_name(cfg)
     slug = model_slug(model_name, gguf_file)
+    backends = {} if backend == "hf" else {"backend": backend, "loglik_backend": loglik_backend}
     key = cell_key(config=cfg.to_dict(), tasks=run_tasks, max_samples=max_samples, data=str(ddir) if ddir else None,
-                   dtype=info["dtype"], max_length=max_length, **({} if backend == "hf" else {"backend": backend, "loglik_backend": loglik_backend}))
+                   dtype=info["dtype"], max_length=max_length, **backends)
     stem = f"{method}_w{cfg.w_bits}a{cfg.a_bits}kv{cfg.k_bits}_{key}"
     out = Path(output_dir) / "lighteval" / slug
     module = types.ModuleType("osp_tasks")
@@ -582,8 +583,8 @@ def add_lighteval_args(p: argparse.ArgumentParser) -> None:
                         "hundred keeps the decode loop busier")
     g.add_argument("--max_length", type=int, default=None, help="default: min(2048, the model's max positions)")
     g.add_argument("--backend", choices=["hf", "vllm"], default="hf",
-                   help="vllm: generation (and log-likelihoods with --loglik_backend vllm) in an in-process vLLM engine "
-                        "holding the same quantized model; lighteval_ptq_vllm.py is this flag's shortcut")
+                   help="vllm: generation (and log-likelihoods with --loglik_backend vllm) in an in-process vLLM "
+                        "engine holding the same quantized model; lighteval_ptq_vllm.py is this flag's shortcut")
     g.add_argument("--loglik_backend", choices=["hf", "vllm"], default=None,
                    help=f"with --backend vllm: who scores the multiple-choice tasks (default {VLLM_LOGLIK_BACKEND}, "
                         "the faster one measured on an H100; see benchmarks/RESULTS.md)")

@@ -280,7 +280,8 @@ def score_rows_vllm(engine: VllmEngine, batch, max_length: int):
         cut.append(max(0, len(whole) - len(prompt)))
         prompts.append(prompt)
     outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                               SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False), use_tqdm=False)
+                               SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False),
+                               use_tqdm=False)
     res = []
     for p, n, c, o in zip(prompts, conts, cut, outs):
         lps = [o.prompt_logprobs[j][p[j]] for j in range(len(p) - n, len(p))]

@@ -268,7 +268,8 @@ def test_lighteval_loglik_backend_hf_keeps_scoring_in_transformers(smollm2_path,
     cfg = QuantConfig(w_bits=4, w_method="rtn", w_clip=False)
     kw = dict(tasks="arc:easy|0", data_dir=data_dir, max_samples=2, batch_size=4, max_length=256, progress=False)
     hf = run_lighteval(smollm2_path, cfg, output_dir=str(tmp_path / "hf"), **kw)
-    mixed = run_lighteval(smollm2_path, cfg, output_dir=str(tmp_path / "mixed"), backend="vllm", loglik_backend="hf", **kw)
+    mixed = run_lighteval(smollm2_path, cfg, output_dir=str(tmp_path / "mixed"), backend="vllm", loglik_backend="hf",
+                          **kw)
     assert not calls
     assert mixed["backends"] == {"loglikelihood": "hf", "generation": "vllm"}
     assert mixed["tasks"]["arc:easy"]["value"] == hf["tasks"]["arc:easy"]["value"]
