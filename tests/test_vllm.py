@@ -1,6 +1,8 @@
 """The vLLM fast path against the Transformers path: same quantized model, same per-token log-probs.
 
 One in-process CPU engine (SmolLM2-135M, fp32) serves every config: each test re-pushes weights and hooks.
+Tests of that shared `engine` must come before the ones that start and shut down engines of their own (the CLI and
+lighteval runs): vLLM tears down its process groups with an in-process engine, which breaks the shared one.
 """
 
 from __future__ import annotations
@@ -181,6 +183,29 @@ def test_kv_quant_matches_transformers(name, fresh, engine, ids):
     assert off > 20 * max(worst, 1e-4), (name, worst, off)
 
 
+def test_spinquant_rotations_match_transformers(fresh, engine, ids, tmp_path):
+    """Learned (here: random orthogonal, not Hadamard) R1/R2 from an R.bin go through vLLM like QuaRot's."""
+    from osp_eval.arch import get_adapter
+
+    model = fresh[0]()
+    dims = get_adapter(model).dims(model)
+    g = torch.Generator().manual_seed(0)
+
+    def orth(n):
+        return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0].float()
+
+    rots = {"R1": orth(dims.hidden)}
+    rots.update({f"model.layers.{i}.self_attn.R2": orth(dims.head_dim) for i in range(dims.num_layers)})
+    torch.save(rots, tmp_path / "R.bin")
+    quantize_(model, QuantConfig(w_bits=4, w_clip=False, rotate=True, optimized_rotation_path=str(tmp_path / "R.bin")),
+              progress=False)
+    engine.load(model)
+    windows = ids.view(2, SEQLEN)
+    for w, lp in zip(windows, engine.prompt_logprobs(windows.tolist())):
+        # Dense rotations round differently from Hadamards in fp32: 1e-5 typical, one position at 2.6e-4.
+        assert (lp - hf_logprobs(model, w)).abs().max().item() < 1e-3
+
+
 def test_rejected_head_size(stories):
     from osp_eval.vllm_backend import VllmEngine
 
@@ -274,25 +299,3 @@ def test_lighteval_loglik_backend_hf_keeps_scoring_in_transformers(smollm2_path,
     assert mixed["backends"] == {"loglikelihood": "hf", "generation": "vllm"}
     assert mixed["tasks"]["arc:easy"]["value"] == hf["tasks"]["arc:easy"]["value"]
 
-
-def test_spinquant_rotations_match_transformers(fresh, engine, ids, tmp_path):
-    """Learned (here: random orthogonal, not Hadamard) R1/R2 from an R.bin go through vLLM like QuaRot's."""
-    from osp_eval.arch import get_adapter
-
-    model = fresh[0]()
-    dims = get_adapter(model).dims(model)
-    g = torch.Generator().manual_seed(0)
-
-    def orth(n):
-        return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0].float()
-
-    rots = {"R1": orth(dims.hidden)}
-    rots.update({f"model.layers.{i}.self_attn.R2": orth(dims.head_dim) for i in range(dims.num_layers)})
-    torch.save(rots, tmp_path / "R.bin")
-    quantize_(model, QuantConfig(w_bits=4, w_clip=False, rotate=True, optimized_rotation_path=str(tmp_path / "R.bin")),
-              progress=False)
-    engine.load(model)
-    windows = ids.view(2, SEQLEN)
-    for w, lp in zip(windows, engine.prompt_logprobs(windows.tolist())):
-        # Dense rotations round differently from Hadamards in fp32: 1e-5 typical, one position at 2.6e-4.
-        assert (lp - hf_logprobs(model, w)).abs().max().item() < 1e-3
