@@ -107,14 +107,23 @@ def _same(transforms: list) -> object:
     return first
 
 
+def _swap_hook(module: nn.Module, name: str, hook, *, pre: bool = True, **state) -> None:
+    """Remove the hook whose handle is `module.<name>`, with the `state` attributes it reads; then, when `hook`
+    is given, set `state` on the module and register `hook` (a pre-hook unless pre=False). Every push of a new
+    config into the engine re-installs its hooks this way."""
+    if hasattr(module, name):
+        getattr(module, name).remove()
+        for attr in (name, *state):
+            delattr(module, attr)
+    if hook is not None:
+        for attr, value in state.items():
+            setattr(module, attr, value)
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        setattr(module, name, register(hook))
+
+
 def _set_input_hook(linear: nn.Module, transform) -> None:
-    if hasattr(linear, "osp_input_hook"):
-        linear.osp_input_hook.remove()
-        del linear.osp_input_hook
-        del linear.osp_input
-    if transform is not None:
-        linear.osp_input = transform
-        linear.osp_input_hook = linear.register_forward_pre_hook(_input_pre_hook)
+    _swap_hook(linear, "osp_input_hook", _input_pre_hook if transform is not None else None, osp_input=transform)
 
 
 def _v_output_hook(module: nn.Module, args, out):
@@ -126,13 +135,8 @@ def _v_output_hook(module: nn.Module, args, out):
 
 
 def _set_v_hook(qkv: nn.Module, v_quant, v_start: int) -> None:
-    if hasattr(qkv, "osp_v_hook"):
-        qkv.osp_v_hook.remove()
-        del qkv.osp_v_hook
-        del qkv.osp_v_quant
-    if v_quant is not None:
-        qkv.osp_v_quant, qkv.osp_v_start = v_quant, v_start
-        qkv.osp_v_hook = qkv.register_forward_hook(_v_output_hook)
+    _swap_hook(qkv, "osp_v_hook", _v_output_hook if v_quant is not None else None, pre=False,
+               osp_v_quant=v_quant, osp_v_start=v_start)
 
 
 def _k_pre_hook(module: nn.Module, args):
@@ -145,13 +149,7 @@ def _k_pre_hook(module: nn.Module, args):
 
 
 def _set_k_hook(attn: nn.Module, kspec, head_dim: int) -> None:
-    if hasattr(attn, "osp_k_hook"):
-        attn.osp_k_hook.remove()
-        del attn.osp_k_hook
-        del attn.osp_k
-    if kspec is not None:
-        attn.osp_k, attn.osp_head_dim = kspec, head_dim
-        attn.osp_k_hook = attn.register_forward_pre_hook(_k_pre_hook)
+    _swap_hook(attn, "osp_k_hook", _k_pre_hook if kspec is not None else None, osp_k=kspec, osp_head_dim=head_dim)
 
 
 def _install(vmodel: nn.Module, parts: list[dict]) -> None:
