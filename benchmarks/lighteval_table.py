@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osp_eval.lighteval_run import benchmarks  # noqa: E402
 from osp_eval.lighteval_tasks import BENCHMARK, MAIN_METRIC  # noqa: E402
+from osp_eval.table import pct  # noqa: E402
 
 GENERATIVE_METRICS = {"qem"}  # GSM8K and TriviaQA: scored by quasi-exact match on generated text
 
@@ -62,9 +63,6 @@ def markdown(configs: dict) -> str:
     head = [(f"{Path(mod).name}: " if several else "") + f"{m} {b}" + (f" ({n}/task)" if n else "")
             for mod, m, b, n in keys]
     out = ["| task | metric | docs in split | " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(keys)]
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}"
 
     for t in tasks:
         any_c = next(c for c in configs.values() if t in c["tasks"])

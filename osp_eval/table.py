@@ -186,11 +186,13 @@ def write_reports(args, models, bits_list, methods, results, failures, seconds) 
     return summary
 
 
+def pct(v) -> str:
+    """A lighteval score (0..1) as a markdown table cell, in %."""
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
 def _lighteval_md(args, slugs, bits_list, methods, rows) -> list[str]:
     """The lighteval section: per method and model, the average over exact-data benchmarks (and over all)."""
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}"
-
     md = [f"# Lighteval benchmarks ({args.tasks}" + (f", first {args.max_samples} docs per task" if args.max_samples
                                                       else ", full splits") + ")", "",
           "Average accuracy (%) over the benchmarks scored on exact data; in brackets, including the not-exact local "
