@@ -53,7 +53,7 @@ def test_rtn_8bit_barely_changes_and_4bit_hurts(which, request, data_dir):
     make = request.getfixturevalue(f"{which}_factory")
     model, tok = make()
     ids = tokenize_text(tok, wikitext2_text("test", data_dir))
-    nwin = 4 if which == "stories" else 1
+    nwin = 4  # 4 windows of 256: one window of SmolLM2 moved by 1.4% at W8A8 on some CPUs (noise)
     base = _ppl(model, ids, nwin=nwin)
     # The MSE clip search costs minutes for SmolLM2 on 2 CPU cores; it has its own tests in test_quant.py.
     clip = which == "stories"

@@ -154,8 +154,11 @@ def test_k_hook_is_kspec_per_head(fresh):
     _set_k_hook(attn, kspec, d)
     attn(q, k, v)
     want_q, want_k = kspec(q.view(1, t, hq, d).transpose(1, 2), k.view(1, t, hk, d).transpose(1, 2))
-    assert torch.equal(seen["q"], want_q.transpose(1, 2).reshape(t, hq * d))
-    assert torch.equal(seen["k"], want_k.transpose(1, 2).reshape(t, hk * d))
+    # The two layouts reach the Hadamard matmul with different strides: BLAS may round the last bit
+    # differently (it does on some CPUs), so equal within float rounding, and K on the same 4-bit grid.
+    close = dict(rtol=0, atol=1e-5)
+    torch.testing.assert_close(seen["q"], want_q.transpose(1, 2).reshape(t, hq * d), **close)
+    torch.testing.assert_close(seen["k"], want_k.transpose(1, 2).reshape(t, hk * d), **close)
     assert torch.equal(seen["v"], v) and not torch.equal(seen["k"], k)
     _set_k_hook(attn, None, d)  # a later push without K quant removes the hook
     attn(q, k, v)
