@@ -15,7 +15,11 @@ from .runtime import ATTN_IMPL, ActSpec, KSpec, install_input_transform, install
 
 def check_compatible(model: nn.Module, cfg: QuantConfig) -> Dims:
     """Raise a clear error for a config this model cannot run."""
-    dims = get_adapter(model).dims(model)
+    return check_dims(get_adapter(model).dims(model), cfg)
+
+
+def check_dims(dims: Dims, cfg: QuantConfig) -> Dims:
+    """check_compatible from the model's dimensions alone (preflight: before any weight is loaded)."""
     if cfg.k_groupsize not in (-1, dims.head_dim):
         raise OspEvalError(
             f"--k_groupsize {cfg.k_groupsize}: K is quantized per token and head, so it must be -1 or head_dim "

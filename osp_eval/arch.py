@@ -80,7 +80,10 @@ class DecoderAdapter:
     sequential_groups: tuple[tuple[str, ...], ...] = (("k", "v", "q"), ("o",), ("up", "gate"), ("down",))
 
     def dims(self, model: nn.Module) -> Dims:
-        c = model.config
+        return self.config_dims(model.config)
+
+    def config_dims(self, c) -> Dims:
+        """Dims from a config alone (preflight checks run before the weights are loaded)."""
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         return Dims(

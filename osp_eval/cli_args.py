@@ -4,10 +4,31 @@ one place where flags become a QuantConfig."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .config import PRESETS, QuantConfig, preset
 
 BOOL = argparse.BooleanOptionalAction
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: what is wrong and where the help is (not a 28-line usage block).
+    Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        print(f"osp-eval: error: {' '.join(message.split())} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(s: str) -> int:
+    """argparse type for counts and lengths (>= 1)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be a positive integer")
+    return v
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -46,9 +67,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--o_proj_input", choices=("per_head", "hadamard"), default=None)
     c = p.add_argument_group("GPTQ calibration")
     c.add_argument("--percdamp", type=float, default=None)
-    c.add_argument("--nsamples", type=int, default=None)
+    c.add_argument("--nsamples", type=positive_int, default=None)
     c.add_argument("--calib_data", default=None, help="wikitext2 (train split) | c4 | PATH to .jsonl/.txt")
-    c.add_argument("--calib_seqlen", type=int, default=None)
+    c.add_argument("--calib_seqlen", type=positive_int, default=None)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--save_qmodel_path", default=None, help="save the quantized weights (reuse an expensive GPTQ)")
     c.add_argument("--load_qmodel_path", default=None, help="load weights saved by --save_qmodel_path")

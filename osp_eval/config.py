@@ -64,6 +64,30 @@ class QuantConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict:
+        """The fields that change what this recipe computes (the cache identity of its results): a group's
+        fields only when the group is active, so an RTN cell is not recomputed when a GPTQ-only flag changes.
+        The preset name is a label; a learned rotation file enters identities by its sha256, not its path."""
+        d = self.to_dict()
+        drop = {"preset", "optimized_rotation_path"}
+        if not d["extra"]:
+            drop.add("extra")
+        if self.w_bits == 16:
+            drop |= {"w_groupsize", "w_asym", "w_clip", "w_method"}
+        if self.w_bits == 16 or self.w_method != "gptq":
+            drop |= {"percdamp", "act_order", "static_groups", "nsamples", "calib_data", "calib_seqlen", "seed"}
+        if self.a_bits == 16:
+            drop |= {"a_groupsize", "a_asym", "a_clip_ratio"}
+        if self.k_bits == 16:
+            drop |= {"k_groupsize", "k_asym", "k_clip_ratio"}
+        if self.v_bits == 16:
+            drop |= {"v_asym", "v_clip_ratio"}
+        if not self.rotate:
+            drop |= {"center_embeddings", "rotation_seed"}
+        if not (self.rotate or self.rotate_down_proj):
+            drop.add("fp32_had")
+        return {k: v for k, v in d.items() if k not in drop}
+
     def set_kv_bits(self, bits: int) -> "QuantConfig":
         return self.replace(k_bits=bits, v_bits=bits)
 
@@ -94,6 +118,8 @@ class QuantConfig:
             raise OspEvalError(f"--percdamp {self.percdamp} must be in [0, 1)")
         if self.nsamples <= 0:
             raise OspEvalError(f"--nsamples {self.nsamples} must be positive")
+        if self.calib_seqlen < 2:
+            raise OspEvalError(f"--calib_seqlen {self.calib_seqlen} must be at least 2")
         return self
 
     @property

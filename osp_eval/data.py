@@ -31,26 +31,63 @@ def data_dir(explicit: str | None = None) -> Path | None:
 
 
 def read_jsonl(path: Path, field: str = "text") -> list[str]:
+    """The `field` of every JSON line. Malformed input is a one-line error naming the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+    except UnicodeDecodeError as e:
+        raise OspEvalError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise OspEvalError(f"cannot read {path}: {e.strerror or e}") from e
+    rows = []
     # Split on "\n" only: some records contain U+0085, which str.splitlines() would break on.
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)[field] for line in f.read().split("\n") if line.strip()]
+    for i, line in enumerate(content.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise OspEvalError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            raise OspEvalError(f"{path}:{i}: expected an object with a string {field!r} field, like "
+                               f'{{"{field}": "..."}}')
+        rows.append(obj[field])
+    return rows
 
 
 def _offline() -> bool:
     return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
-def wikitext2_rows(split: str = "test", data_dir_: str | None = None) -> list[str]:
+def _wikitext2(split: str, data_dir_: str | None) -> tuple[list[str], Path | None]:
     d = data_dir(data_dir_)
     if d is not None:
         for p in (d / "wikitext-2-raw-v1" / f"{split}.jsonl", d / f"{split}.jsonl"):
             if p.is_file():
-                return read_jsonl(p)
+                return read_jsonl(p), p
         raise OspEvalError(
             f"WikiText-2 {split} split not found under {d}: expected {d}/wikitext-2-raw-v1/{split}.jsonl "
             '(one {"text": row} per line, rows in the order of the HF dataset)'
         )
-    return _hub_rows(WIKITEXT_HUB[0], WIKITEXT_HUB[1], split, f"WikiText-2 {split}")
+    return _hub_rows(WIKITEXT_HUB[0], WIKITEXT_HUB[1], split, f"WikiText-2 {split}"), None
+
+
+def wikitext2_rows(split: str = "test", data_dir_: str | None = None) -> list[str]:
+    return _wikitext2(split, data_dir_)[0]
+
+
+def wikitext2_data(split: str = "test", data_dir_: str | None = None) -> tuple[str, dict]:
+    """(text, fingerprint) of a WikiText-2 split: the text as `wikitext2_text`, and what it was read from — the
+    file's path and sha256, the rows, the text's sha256, and whether it is the reference test split."""
+    from .provenance import WIKITEXT2_TEST_SHA256, file_record, text_sha256
+
+    rows, path = _wikitext2(split, data_dir_)
+    text = "\n\n".join(rows)
+    sha = text_sha256(text)
+    info = {"dataset": f"wikitext-2-raw-v1 {split}", "file": file_record(path) if path else None,
+            "hub": None if path else f"{WIKITEXT_HUB[0]} ({WIKITEXT_HUB[1]})", "rows": len(rows), "chars": len(text),
+            "sha256": sha, "is_reference_split": sha == WIKITEXT2_TEST_SHA256 if split == "test" else None}
+    return text, info
 
 
 def _hub_rows(repo: str, name: str | None, split: str, what: str, **kw) -> list[str]:
@@ -113,8 +150,16 @@ def calibration_text(source: str, data_dir_: str | None = None) -> tuple[str, st
     p = Path(source)
     if not p.is_file():
         raise OspEvalError(f"--calib_data {source!r}: use wikitext2, c4 or a path to a .jsonl/.txt file")
-    text = "\n\n".join(read_jsonl(p)) if p.suffix == ".jsonl" else p.read_text(encoding="utf-8")
-    return text, f"file {p}"
+    if p.suffix == ".jsonl":
+        text = "\n\n".join(read_jsonl(p))
+    else:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise OspEvalError(f"--calib_data {p}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not text.strip():
+        raise OspEvalError(f"--calib_data {p} is empty")
+    return text, f"file {p.resolve()}"
 
 
 def calibration_ids(
@@ -126,6 +171,8 @@ def calibration_ids(
     `text` may pass an already fetched `calibration_text(...)`.
     Returns ([nsamples, seqlen] ids, a description of the source for the results file).
     """
+    from .provenance import text_sha256
+
     text, desc = text or calibration_text(source, data_dir_)
     # The reference tokenises WikiText-2 train with its default BOS; other sources get no special tokens.
     ids = torch.tensor(_encode(tokenizer, text, source == "wikitext2"), dtype=torch.long)
@@ -138,4 +185,5 @@ def calibration_ids(
     rng = random.Random(seed)
     starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
     windows = torch.stack([ids[i : i + seqlen] for i in starts])
-    return windows, {"source": desc, "tokens_available": n, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    return windows, {"source": desc, "sha256": text_sha256(text), "tokens_available": n, "nsamples": nsamples,
+                     "seqlen": seqlen, "seed": seed}

@@ -113,7 +113,8 @@ def state_names(n: int) -> list[str]:
 def run_kurtosis(model_name: str, cfg, *, modes=("reference",), gguf_file=None, dtype="auto", device=None,
                  data_dir=None, nrows=128, seqlen=2048, ndocs=1000, output_dir="results", progress=True) -> dict:
     """Load (and optionally quantize) a model, measure its kurtosis in each mode, write and return the record."""
-    from .pipeline import load_and_quantize, method_name, model_slug
+    from .pipeline import load_and_quantize, method_name, model_slug, preflight
+    from .provenance import now, text_sha256
     from .results import cell_key, save_result
 
     for m in modes:
@@ -125,8 +126,11 @@ def run_kurtosis(model_name: str, cfg, *, modes=("reference",), gguf_file=None, 
 
         check_seqlen(load_config(*resolve_model(model_name, gguf_file)), seqlen)
     text = c4_kurtosis_text(data_dir, ndocs)  # fail fast on missing data, before loading the model
+    inputs = preflight(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device, data_dir=data_dir,
+                       output_dir=output_dir)
+    started = now()
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
-                                         data_dir=data_dir, progress=progress)
+                                         data_dir=data_dir, progress=progress, inputs=inputs)
     t0 = time.perf_counter()
     rows = token_rows(tok, text, nrows, seqlen)
     info["tokenize_seconds"] = time.perf_counter() - t0
@@ -139,6 +143,8 @@ def run_kurtosis(model_name: str, cfg, *, modes=("reference",), gguf_file=None, 
         "gguf_file": gguf_file,
         "method": method,
         "config": cfg.to_dict(),
+        "model_fingerprint": inputs.fingerprint,
+        "data": {"sha256": text_sha256(text), "chars": len(text)},
         **info,
         "nrows": nrows,
         "seqlen": seqlen,
@@ -146,11 +152,11 @@ def run_kurtosis(model_name: str, cfg, *, modes=("reference",), gguf_file=None, 
         "state_names": state_names(next(iter(results.values()))["hidden_states"]),
         "results": results,
     }
-    key = cell_key(config=cfg.to_dict(), modes=list(modes), nrows=nrows, seqlen=seqlen, ndocs=ndocs,
-                   dtype=info["dtype"])
+    key = cell_key(**inputs.identity("kurtosis", cfg), data=text_sha256(text), modes=list(modes), nrows=nrows,
+                   seqlen=seqlen, ndocs=ndocs, dtype=info["dtype"])
     stem = f"{method}_{'+'.join(modes)}_{key}"
     out = Path(output_dir) / "kurtosis" / model_slug(model_name, gguf_file)
-    record["result_path"] = str(save_result(record, out, stem))
+    record["result_path"] = str(save_result(record, out, stem, started=started))
     return record
 
 
@@ -181,14 +187,14 @@ def _cli(args) -> None:
 
 def add_cli(subparsers) -> None:
     """Register `osp-eval kurtosis`."""
-    from .cli_args import add_model_args, add_quant_args
+    from .cli_args import add_model_args, add_quant_args, positive_int
 
     p = subparsers.add_parser("kurtosis", help="excess kurtosis of the hidden states on C4 (the OSP protocol)")
     add_model_args(p)
     p.add_argument("--mode", choices=("reference", "context", "both"), default="reference",
                    help="reference: each token alone (the paper's numbers); context: each row one sequence")
-    p.add_argument("--nrows", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--ndocs", type=int, default=1000, help="C4 documents to tokenise")
+    p.add_argument("--nrows", type=positive_int, default=128)
+    p.add_argument("--seqlen", type=positive_int, default=2048)
+    p.add_argument("--ndocs", type=positive_int, default=1000, help="C4 documents to tokenise")
     add_quant_args(p)
     p.set_defaults(func=_cli)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import OspEvalError
+from .results import cell_key
 
 REPO_TASKS = Path(__file__).resolve().parents[1] / "tasks" / "tasks.txt"
 DEFAULT_BATCH = 32
@@ -316,11 +317,9 @@ def _local_configs(names: list[str], data_dir: Path, progress: bool) -> tuple[li
 
     configs, skipped, notes = [], {}, {}
     for n in tqdm(names, desc="local data", disable=not progress):
-        stamp = hashlib.sha1(f"format {lt.LOCAL_FORMAT}".encode())
-        for rel in lt.LOCAL[n].files:
-            for p in sorted(data_dir.glob(rel.replace("<subject>", "*"))):
-                st = p.stat()
-                stamp.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        # The converted folder is named by the sha256 of the files it was made from: edited data never
+        # reuses an old conversion.
+        stamp = hashlib.sha256(f"format {lt.LOCAL_FORMAT} {task_data_digest(n, data_dir)}".encode())
         folder = _cache_root() / "lighteval-data" / f"{lt.folder_name(n)}-{stamp.hexdigest()[:12]}"
         try:
             configs.append(_converted(n, data_dir, folder))
@@ -330,6 +329,15 @@ def _local_configs(names: list[str], data_dir: Path, progress: bool) -> tuple[li
         if lt.LOCAL[n].not_exact:
             notes[n] = lt.LOCAL[n].not_exact
     return configs, skipped, notes
+
+
+def task_data_digest(name: str, data_dir: Path) -> str | None:
+    """sha256 over the contents of a task's local data files (None when it has none)."""
+    from . import lighteval_tasks as lt
+    from .provenance import digest, file_sha256
+
+    files = [p for rel in lt.LOCAL[name].files for p in sorted(data_dir.glob(rel.replace("<subject>", "*")))]
+    return digest({str(p.relative_to(data_dir)): file_sha256(p) for p in files}) if files else None
 
 
 def _converted(name: str, data_dir: Path, folder: Path):
@@ -369,34 +377,19 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     backend "vllm": greedy generation runs in a vLLM engine holding the same quantized model
     (osp_eval.vllm_backend); log-likelihoods run where loglik_backend says (default VLLM_LOGLIK_BACKEND,
     the faster one measured; see benchmarks/RESULTS.md)."""
-    from .data import data_dir as resolve_data_dir
-    from .models import load_config, resolve_model
     from .pipeline import load_and_quantize, method_name, model_slug
-    from .results import cell_key, save_result
+    from .provenance import now
+    from .results import save_result
 
     t_start = time.perf_counter()
+    started = now()
     wanted = parse_tasks(tasks)  # fail fast on bad input, before the model loads
-    if max_samples is not None and max_samples <= 0:
-        raise OspEvalError(f"--max_samples {max_samples} must be positive")
-    if batch_size <= 0 or (gen_batch_size is not None and gen_batch_size <= 0):
-        raise OspEvalError(f"--batch_size {batch_size} and --gen_batch_size {gen_batch_size} must be positive")
-    cfg.validate()
-    if backend not in ("hf", "vllm"):
-        raise OspEvalError(f"backend {backend!r}: choose hf or vllm")
-    if loglik_backend not in (None, "hf", "vllm"):
-        raise OspEvalError(f"--loglik_backend {loglik_backend!r}: choose hf or vllm")
-    if backend == "hf" and loglik_backend == "vllm":
-        raise OspEvalError("--loglik_backend vllm needs the vLLM path (lighteval_ptq_vllm.py or --backend vllm)")
-    loglik_backend = backend if backend == "hf" else (loglik_backend or VLLM_LOGLIK_BACKEND)
-    ddir = resolve_data_dir(data_dir)
-    if ddir is None and _offline():
-        raise OspEvalError("offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): pass --data_dir DIR (or set "
-                           "$OSP_EVAL_DATA) pointing at a folder laid out like ../shared/data")
-    src, gguf_file = resolve_model(model_name, gguf_file)
-    positions = getattr(load_config(src, gguf_file).get_text_config(), "max_position_embeddings", None) or 2048
-    max_length = max_length or min(2048, positions)
-    if max_length > positions:
-        raise OspEvalError(f"--max_length {max_length} exceeds the model's {positions} positions")
+    plan = lighteval_plan(model_name, cfg, wanted, gguf_file=gguf_file, dtype=dtype, device=device,
+                          data_dir=data_dir, max_samples=max_samples, batch_size=batch_size, max_length=max_length,
+                          output_dir=output_dir, load_qmodel_path=load_qmodel_path, backend=backend,
+                          gen_batch_size=gen_batch_size, loglik_backend=loglik_backend)
+    ddir, max_length, loglik_backend = plan["data_dir"], plan["max_length"], plan["loglik_backend"]
+    src, gguf_file = plan["source"]  # a .gguf path becomes (folder, file name)
 
     from lighteval.logging.evaluation_tracker import EvaluationTracker
     from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
@@ -417,14 +410,10 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
 
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                          data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
-                                         load_qmodel_path=load_qmodel_path)
+                                         load_qmodel_path=load_qmodel_path, inputs=plan["inputs"])
     method = method_name(cfg)
     slug = model_slug(model_name, gguf_file)
-    backends = {} if backend == "hf" else {"backend": backend, "loglik_backend": loglik_backend}
-    key = cell_key(config=cfg.to_dict(), tasks=run_tasks, max_samples=max_samples, data=str(ddir) if ddir else None,
-                   dtype=info["dtype"], max_length=max_length, **backends)
-    stem = f"{method}_w{cfg.w_bits}a{cfg.a_bits}kv{cfg.k_bits}_{key}"
-    out = Path(output_dir) / "lighteval" / slug
+    stem, out = plan["stem"], plan["out"]
     module = types.ModuleType("osp_tasks")
     module.TASKS_TABLE = configs
     OspModelConfig, OspLightevalModel = _model_classes()
@@ -493,9 +482,58 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         "data_dir": str(ddir) if ddir else None,
         "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - t_start, "vllm_start_seconds": vllm_start,
         "lighteval_output": str(out / stem),
+        "model_fingerprint": plan["inputs"].fingerprint,
+        "identity": plan["identity"],
     }
-    record["result_path"] = str(save_result(record, out, stem))
+    try:
+        record["result_path"] = str(save_result(record, out, stem, started=started))
+    except OSError as e:
+        raise OspEvalError(f"could not write the summary to {out / stem}.json ({e.strerror or e})") from e
     return record
+
+
+def lighteval_plan(model_name: str, cfg, wanted, *, gguf_file=None, dtype="auto", device=None, data_dir=None,
+                   max_samples=None, batch_size=DEFAULT_BATCH, max_length=None, output_dir="results",
+                   load_qmodel_path=None, backend="hf", gen_batch_size=None, loglik_backend=None) -> dict:
+    """Everything checked before the model loads (flags, data, model files, device, output folder), and the
+    run's identity (model, task data and recipe contents) and summary path. The table uses it to find a
+    cached summary."""
+    from .data import data_dir as resolve_data_dir
+    from .models import resolve_model
+    from .pipeline import _dtype_name, method_name, model_slug, preflight
+
+    if max_samples is not None and max_samples <= 0:
+        raise OspEvalError(f"--max_samples {max_samples} must be positive")
+    if batch_size <= 0 or (gen_batch_size is not None and gen_batch_size <= 0):
+        raise OspEvalError(f"--batch_size {batch_size} and --gen_batch_size {gen_batch_size} must be positive")
+    if backend not in ("hf", "vllm"):
+        raise OspEvalError(f"backend {backend!r}: choose hf or vllm")
+    if loglik_backend not in (None, "hf", "vllm"):
+        raise OspEvalError(f"--loglik_backend {loglik_backend!r}: choose hf or vllm")
+    if backend == "hf" and loglik_backend == "vllm":
+        raise OspEvalError("--loglik_backend vllm needs the vLLM path (lighteval_ptq_vllm.py or --backend vllm)")
+    loglik_backend = backend if backend == "hf" else (loglik_backend or VLLM_LOGLIK_BACKEND)
+    ddir = resolve_data_dir(data_dir)
+    if ddir is None and _offline():
+        raise OspEvalError("offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): pass --data_dir DIR (or set "
+                           "$OSP_EVAL_DATA) pointing at a folder laid out like ../shared/data")
+    inputs = preflight(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device, data_dir=data_dir,
+                       output_dir=output_dir, load_qmodel_path=load_qmodel_path)
+    source = resolve_model(model_name, gguf_file)
+    positions = getattr(inputs.config.get_text_config(), "max_position_embeddings", None) or 2048
+    max_length = max_length or min(2048, positions)
+    if max_length > positions:
+        raise OspEvalError(f"--max_length {max_length} exceeds the model's {positions} positions")
+    data = ({n: task_data_digest(n, ddir) for n, _ in wanted} if ddir is not None
+            else {n: "hub (pinned revision)" for n, _ in wanted})
+    backends = {} if backend == "hf" else {"backend": backend, "loglik_backend": loglik_backend}
+    identity = inputs.identity("lighteval", cfg, tasks=[list(t) for t in wanted], task_data=data,
+                               max_samples=max_samples, dtype=_dtype_name(dtype, inputs.device),
+                               max_length=max_length, **backends)
+    stem = f"{method_name(cfg)}_w{cfg.w_bits}a{cfg.a_bits}kv{cfg.k_bits}_{cell_key(**identity)}"
+    return {"inputs": inputs, "identity": identity, "stem": stem, "data_dir": ddir, "source": source,
+            "max_length": max_length, "loglik_backend": loglik_backend,
+            "out": Path(output_dir) / "lighteval" / model_slug(model_name, gguf_file)}
 
 
 def benchmarks(per_task: dict) -> dict:
@@ -564,7 +602,7 @@ def format_table(r: dict) -> str:
 
 
 def add_lighteval_args(p: argparse.ArgumentParser) -> None:
-    from .cli_args import add_model_args, add_quant_args
+    from .cli_args import add_model_args, add_quant_args, positive_int
 
     add_model_args(p)
     add_quant_args(p)
@@ -574,14 +612,14 @@ def add_lighteval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no_rtn", action="store_true",
                    help="weights by GPTQ instead of RTN (the reference's lighteval script runs RTN unless --no_rtn; "
                         "its other weight path is GPTQ). For unquantized weights use --w_bits 16")
-    g.add_argument("--max_samples", type=int, default=None, help="evaluate only N docs per task (partial numbers)")
-    g.add_argument("--batch_size", type=int, default=DEFAULT_BATCH,
+    g.add_argument("--max_samples", type=positive_int, default=None, help="evaluate only N docs per task (partial numbers)")
+    g.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH,
                    help="log-likelihood passes hold up to batch_size x max_length tokens (more rows when short); "
                         "generation runs batch_size prompts at a time (see --gen_batch_size)")
-    g.add_argument("--gen_batch_size", type=int, default=None,
+    g.add_argument("--gen_batch_size", type=positive_int, default=None,
                    help="prompts per generate() call for GSM8K/TriviaQA (default: --batch_size); on a GPU a few "
                         "hundred keeps the decode loop busier")
-    g.add_argument("--max_length", type=int, default=None, help="default: min(2048, the model's max positions)")
+    g.add_argument("--max_length", type=positive_int, default=None, help="default: min(2048, the model's max positions)")
     g.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="vllm: generation (and log-likelihoods with --loglik_backend vllm) in an in-process vLLM "
                         "engine holding the same quantized model; lighteval_ptq_vllm.py is this flag's shortcut")
@@ -611,7 +649,9 @@ def action(args) -> None:
 
 
 def build_parser(prog: str = "lighteval_ptq.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Fake-quantize a model and run the OSP lighteval benchmarks")
+    from .cli_args import Parser
+
+    p = Parser(prog=prog, description="Fake-quantize a model and run the OSP lighteval benchmarks")
     add_lighteval_args(p)
     p.set_defaults(func=action)
     return p

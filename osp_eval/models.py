@@ -45,6 +45,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """`--device`: cuda, cuda:N or cpu (default: cuda when available). Unavailable devices are one-line errors."""
+    d = str(device or default_device())
+    try:
+        dev = torch.device(d)
+    except RuntimeError as e:
+        raise OspEvalError(f"unknown device {d!r}: use cuda, cuda:N or cpu") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+            raise OspEvalError(f"--device {d}: CUDA is not available here (torch {torch.__version__}, {build}): "
+                               "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OspEvalError(f"--device {d}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise OspEvalError(f"--device {d}: osp-eval runs on cuda or cpu")
+    return d
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -68,6 +87,9 @@ def load_config(name_or_path: str, gguf_file: str | None = None):
         return AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file)
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path, e) from e
+    except Exception as e:  # a corrupt config.json or GGUF header
+        raise OspEvalError(f"cannot read the config of {name_or_path} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
@@ -90,7 +112,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     name_or_path, gguf_file = resolve_model(name_or_path, gguf_file)
-    device = device or default_device()
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     config = load_config(name_or_path, gguf_file)
     adapter_for_config(config)
@@ -102,6 +124,9 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path, e) from e
+    except Exception as e:  # corrupt weight files (safetensors, GGUF) and other loader failures: one line
+        raise OspEvalError(f"cannot load the weights of {name_or_path}{'/' + gguf_file if gguf_file else ''} "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     if gguf_file:  # the weights are now ordinary tensors: forget the GGUF quantizer (allows save_pretrained)
         model.hf_quantizer = None
         model.is_quantized = False

@@ -174,7 +174,8 @@ def run_outliers(model_name: str, cfg, *, layer=None, nwindows=4, ntokens=256, g
     """Load (and optionally quantize) a model, record its outliers on C4 windows, write JSON and PNGs."""
     from .kurtosis import c4_kurtosis_text, token_rows
     from .models import load_config, resolve_model
-    from .pipeline import load_and_quantize, method_name, model_slug
+    from .pipeline import load_and_quantize, method_name, model_slug, preflight
+    from .provenance import now, text_sha256
     from .ppl import check_seqlen
     from .results import cell_key, save_result
 
@@ -185,8 +186,11 @@ def run_outliers(model_name: str, cfg, *, layer=None, nwindows=4, ntokens=256, g
         raise OspEvalError(f"--layer {layer}: this model has residual indices 0 (embeddings) to "
                            f"{config.num_hidden_layers}")
     text = c4_kurtosis_text(data_dir, ndocs)
+    inputs = preflight(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device, data_dir=data_dir,
+                       output_dir=output_dir)
+    started = now()
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
-                                         data_dir=data_dir, progress=progress)
+                                         data_dir=data_dir, progress=progress, inputs=inputs)
     windows = token_rows(tok, text, nwindows, ntokens)
     res = collect_outliers(model, windows, progress=progress)
     if layer is None:  # default: the residual index with the largest activation
@@ -202,6 +206,8 @@ def run_outliers(model_name: str, cfg, *, layer=None, nwindows=4, ntokens=256, g
         "gguf_file": gguf_file,
         "method": method,
         "config": cfg.to_dict(),
+        "model_fingerprint": inputs.fingerprint,
+        "data": {"sha256": text_sha256(text), "chars": len(text)},
         **info,
         "nwindows": nwindows,
         "ntokens": ntokens,
@@ -210,7 +216,8 @@ def run_outliers(model_name: str, cfg, *, layer=None, nwindows=4, ntokens=256, g
         "residual": res["residual"],
         "linear_inputs": res["linear_inputs"],
     }
-    key = cell_key(config=cfg.to_dict(), nwindows=nwindows, ntokens=ntokens, ndocs=ndocs, dtype=info["dtype"])
+    key = cell_key(**inputs.identity("outliers", cfg), data=text_sha256(text), nwindows=nwindows, ntokens=ntokens,
+                   ndocs=ndocs, dtype=info["dtype"])
     stem = f"{method}_{key}"
     out = Path(output_dir) / "outliers" / model_slug(model_name, gguf_file)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +225,7 @@ def run_outliers(model_name: str, cfg, *, layer=None, nwindows=4, ntokens=256, g
     tokens = [tok.decode([int(t)]) for t in windows[0]] if ntokens <= 64 else None
     record["plots"] = [str(plot_layers(res, out / f"{stem}_layers.png", title)),
                        str(plot_layer_map(res, layer, out / f"{stem}_layer{layer}.png", title, tokens))]
-    record["result_path"] = str(save_result(record, out, stem))
+    record["result_path"] = str(save_result(record, out, stem, started=started))
     return record
 
 
@@ -250,13 +257,13 @@ def _cli(args) -> None:
 
 def add_cli(subparsers) -> None:
     """Register `osp-eval outliers`."""
-    from .cli_args import add_model_args, add_quant_args
+    from .cli_args import add_model_args, add_quant_args, positive_int
 
     p = subparsers.add_parser("outliers", help="largest activations per layer, top channels/tokens, plots")
     add_model_args(p)
     p.add_argument("--layer", type=int, default=None,
                    help="residual index for the channel × token map (0 = embeddings; default: the largest)")
-    p.add_argument("--nwindows", type=int, default=4, help="C4 windows, each one sequence")
-    p.add_argument("--ntokens", type=int, default=256, help="tokens per window")
+    p.add_argument("--nwindows", type=positive_int, default=4, help="C4 windows, each one sequence")
+    p.add_argument("--ntokens", type=positive_int, default=256, help="tokens per window")
     add_quant_args(p)
     p.set_defaults(func=_cli)

@@ -63,8 +63,13 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 2048, batch_size: int = 4
 def ppl_record(nlls: torch.Tensor, windows: torch.Tensor, ids: torch.Tensor, seqlen: int, max_windows: int | None,
                seconds: float) -> dict:
     """The PPL result fields, from per-window mean NLLs (shared by the Transformers and vLLM backends)."""
+    mean = nlls.mean().item()
+    ppl = math.exp(mean) if mean < 709 else math.inf  # math.exp raises past ~709; NaN stays NaN
     return {
-        "ppl": math.exp(nlls.mean().item()),
+        "ppl": ppl,
+        "ppl_finite": math.isfinite(ppl),
+        "ppl_value": repr(ppl),  # "nan" / "inf" survive in JSON, where the number itself becomes null
+        "nonfinite_windows": int((~torch.isfinite(nlls)).sum()),
         "nwindows": len(windows),
         "full_split": max_windows is None or len(windows) == ids.numel() // seqlen,
         "windows_available": ids.numel() // seqlen,

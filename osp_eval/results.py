@@ -1,53 +1,36 @@
-"""Results files: one JSON per run with the full configuration, the environment and the numbers."""
+"""Results files: one JSON per run with the full configuration, its identity, provenance and the numbers.
+Written atomically (temporary file + rename)."""
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
-import platform
-from importlib import metadata
+import math
 from pathlib import Path
 
-import torch
+from .provenance import device_info, digest, provenance, versions, write_json_atomic
 
-PACKAGES = ("osp-eval", "torch", "transformers", "datasets", "lighteval", "vllm", "gguf", "tokenizers")
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for p in PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def device_info() -> dict:
-    info = {"platform": platform.platform(), "machine": platform.machine()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    else:
-        info["cpu_threads"] = torch.get_num_threads()
-    return info
+__all__ = ["cell_key", "save_result", "versions", "device_info", "finite_json"]
 
 
 def cell_key(**parts) -> str:
-    """A short stable name for a result cell (model, method, bits, ...), for file names."""
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    """A short stable name for a result cell, for file names: the hash of its identity."""
+    return digest(parts)[:12]
 
 
-def save_result(record: dict, output_dir: str | Path, stem: str) -> Path:
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    record = {
-        **record,
-        "versions": versions(),
-        "device": device_info(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    path = out / f"{stem}.json"
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return path
+def finite_json(obj):
+    """NaN and infinity are not JSON: they become null (the record says elsewhere why a number is missing)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def save_result(record: dict, output_dir: str | Path, stem: str, started: str | None = None) -> Path:
+    """Write `OUTPUT_DIR/STEM.json`: the record plus its provenance (command, code version and git commit,
+    package versions, device, peak memory, start and finish dates)."""
+    prov = provenance(started)
+    record = {**record, "versions": prov["versions"], "device": prov["device"], "date": prov["finished"],
+              "provenance": prov}
+    return write_json_atomic(Path(output_dir) / f"{stem}.json", finite_json(record))

@@ -111,29 +111,41 @@ def draw_rotations(cfg: QuantConfig, dims: Dims, device) -> tuple[torch.Tensor, 
     return r1, [random_hadamard_matrix(dims.head_dim) for _ in range(dims.num_layers)]
 
 
+def _check_rotation(path: str, key: str, r, n: int, tol: float = 1e-3) -> torch.Tensor:
+    """A rotation must be an n x n finite orthogonal matrix: max |R Rᵀ - I| <= tol in float64."""
+    if not isinstance(r, torch.Tensor) or tuple(r.shape) != (n, n):
+        shape = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+        raise OspEvalError(f"{path}: {key} has shape {shape}, this model needs ({n}, {n})")
+    r = r.double()
+    if not torch.isfinite(r).all():
+        raise OspEvalError(f"{path}: {key} has {int((~torch.isfinite(r)).sum())} non-finite entries (NaN/inf)")
+    err = (r @ r.T - torch.eye(n, dtype=r.dtype)).abs().max().item()
+    if err > tol:
+        raise OspEvalError(f"{path}: {key} is not orthogonal (max |R Rᵀ - I| = {err:.3g} > {tol:g}); a rotation file "
+                           "must hold orthogonal matrices")
+    return r
+
+
 def load_rotations(path: str, dims: Dims) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """A SpinQuant `R.bin`: {"R1": [hidden, hidden], "model.layers.{i}.self_attn.R2": [head_dim, head_dim]}."""
+    """A SpinQuant `R.bin`: {"R1": [hidden, hidden], "model.layers.{i}.self_attn.R2": [head_dim, head_dim]},
+    validated: keys, shapes, finite, orthogonal to 1e-3 in float64."""
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise OspEvalError(f"rotation file not found: {path}") from e
-    except Exception as e:
-        raise OspEvalError(f"cannot read rotation file {path}: {e}") from e
+    except Exception as e:  # torch's unpickling errors run to several lines: keep the first
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OspEvalError(f"cannot read rotation file {path} ({first})") from e
     if not isinstance(d, dict) or "R1" not in d:
         raise OspEvalError(f"{path} is not a SpinQuant rotation file (no 'R1' key)")
-    r1 = d["R1"]
-    if tuple(r1.shape) != (dims.hidden, dims.hidden):
-        raise OspEvalError(f"{path}: R1 has shape {tuple(r1.shape)}, this model needs ({dims.hidden}, {dims.hidden})")
+    r1 = _check_rotation(path, "R1", d["R1"], dims.hidden)
     r2s = []
     for i in range(dims.num_layers):
         key = f"model.layers.{i}.self_attn.R2"
         if key not in d:
             raise OspEvalError(f"{path}: missing {key} (the model has {dims.num_layers} layers)")
-        if tuple(d[key].shape) != (dims.head_dim, dims.head_dim):
-            raise OspEvalError(f"{path}: {key} has shape {tuple(d[key].shape)}, this model needs "
-                               f"({dims.head_dim}, {dims.head_dim})")
-        r2s.append(d[key].double())
-    return r1.double(), r2s
+        r2s.append(_check_rotation(path, key, d[key], dims.head_dim))
+    return r1, r2s
 
 
 # Pure, differentiable pieces of R1/R2 (SpinQuant training runs them on every step; apply_r1_r2 once).

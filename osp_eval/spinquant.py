@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -114,11 +112,22 @@ class Rotations(nn.Module):
 
 def save_rotations(path: str | Path, state: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
     """R.bin as a plain dict of tensors (others' loaders read it); metadata goes next to it as PATH.json."""
+    import os
+    import tempfile
+
+    from .provenance import write_json_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    if meta is not None:
-        Path(f"{path}.json").write_text(json.dumps(meta, indent=1, default=str))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a reader never loads half a file
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    if meta is not None:  # written after R.bin: a sidecar always describes a complete file
+        write_json_atomic(f"{path}.json", meta)
     return path
 
 
@@ -299,18 +308,28 @@ def _peak_memory() -> dict:
 def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bin", steps: int = 100,
                     lr: float = 1.5, momentum: float = 0.0, nsamples: int = 800, seqlen: int = 2048,
                     batch_size: int = 8, micro_batch_size: int | None = None, checkpointing: bool = True, gguf_file=None,
-                    dtype="auto", device=None, data_dir=None, progress: bool = True) -> dict:
+                    dtype="auto", device=None, data_dir=None, progress: bool = True,
+                    identity: dict | None = None) -> dict:
     """Load `model_name`, learn R1/R2 for `cfg` on calibration windows (cfg.calib_data), save R.bin and
-    R.bin.json (metadata: losses, time, peak memory). Returns the metadata."""
-    from .data import calibration_ids
-    from .models import load_config, load_model, resolve_model
+    R.bin.json (metadata: losses, time, peak memory, provenance, and `identity` when a cache keys on it).
+    Returns the metadata. Every input is checked before the model loads."""
+    from .data import calibration_ids, calibration_text
+    from .models import load_model
+    from .pipeline import check_positive, preflight
+    from .provenance import check_writable, now, provenance
 
+    started = now()
+    check_positive(steps=steps, train_nsamples=nsamples, train_seqlen=seqlen, train_batch_size=batch_size,
+                   micro_batch_size=micro_batch_size)
     train_cfg = training_config(cfg)
-    maxpos = getattr(load_config(*resolve_model(model_name, gguf_file)), "max_position_embeddings", None)
+    inputs = preflight(model_name, train_cfg, gguf_file=gguf_file, dtype=dtype, device=device, data_dir=data_dir)
+    maxpos = getattr(inputs.config, "max_position_embeddings", None)
     if maxpos is not None and seqlen > maxpos:
         raise OspEvalError(f"--train_seqlen {seqlen} exceeds this model's max_position_embeddings ({maxpos})")
-    model, tok = load_model(model_name, gguf_file, dtype, device)
-    windows, calib = calibration_ids(tok, cfg.calib_data, nsamples, seqlen, cfg.seed, data_dir)
+    text = calibration_text(cfg.calib_data, data_dir)
+    check_writable(Path(save_path).parent, "--save_path's folder")
+    model, tok = load_model(model_name, gguf_file, dtype, inputs.device)
+    windows, calib = calibration_ids(tok, cfg.calib_data, nsamples, seqlen, cfg.seed, data_dir, text=text)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -334,6 +353,9 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
         "losses": losses,
         "train_seconds": time.perf_counter() - t0,
         **_peak_memory(),
+        "model_fingerprint": inputs.fingerprint,
+        "identity": identity,
+        "provenance": provenance(started),
     }
     meta["rotation_path"] = str(save_rotations(save_path, rot.state(), meta))
     return meta
@@ -357,7 +379,7 @@ def _cli(args) -> None:
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register `spinquant-train` on an argparse subparsers object."""
-    from .cli_args import BOOL, add_model_args, add_quant_args
+    from .cli_args import BOOL, add_model_args, add_quant_args, positive_int
 
     p = subparsers.add_parser(
         "spinquant-train", help="learn SpinQuant R1/R2 rotations (Cayley SGD), save R.bin",
@@ -367,29 +389,15 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     add_model_args(p)
     add_quant_args(p)
     t = p.add_argument_group("rotation training (SpinQuant: 100 steps of 8 windows of 2048, lr 1.5, cosine)")
-    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--steps", type=positive_int, default=100)
     t.add_argument("--lr", type=float, default=1.5)
     t.add_argument("--momentum", type=float, default=0.0, help="Cayley SGD momentum (SpinQuant: 0)")
-    t.add_argument("--train_nsamples", type=int, default=800, help="calibration windows (from --calib_data)")
-    t.add_argument("--train_seqlen", type=int, default=2048)
-    t.add_argument("--train_batch_size", type=int, default=8, help="windows per optimizer step")
-    t.add_argument("--micro_batch_size", type=int, default=None,
+    t.add_argument("--train_nsamples", type=positive_int, default=800, help="calibration windows (from --calib_data)")
+    t.add_argument("--train_seqlen", type=positive_int, default=2048)
+    t.add_argument("--train_batch_size", type=positive_int, default=8, help="windows per optimizer step")
+    t.add_argument("--micro_batch_size", type=positive_int, default=None,
                    help="windows per forward, with gradient accumulation (default: the whole --train_batch_size)")
     t.add_argument("--gradient_checkpointing", action=BOOL, default=True, help="recompute each decoder layer")
     t.add_argument("--save_path", default="R.bin", help="where R.bin goes (metadata: SAVE_PATH.json)")
     p.set_defaults(func=_cli)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m osp_eval.spinquant spinquant-train MODEL ...` (the same as `osp-eval spinquant-train`)."""
-    from .cli import run
-
-    parser = argparse.ArgumentParser(prog="osp-eval")
-    add_cli(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(argv)
-    return run(args.func, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,8 @@ from osp_eval.data import calibration_ids
 from osp_eval.errors import OspEvalError
 from osp_eval.models import load_model
 from osp_eval.rotation import load_rotations
-from osp_eval.spinquant import (CayleySGD, cayley_sgd_step, main, mean_loss, prepare_training_model, save_rotations,
+from osp_eval.cli import main
+from osp_eval.spinquant import (CayleySGD, cayley_sgd_step, mean_loss, prepare_training_model, save_rotations,
                                 train_rotations)
 
 A4KV4 = dict(a_bits=4, k_bits=4, v_bits=4)

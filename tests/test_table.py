@@ -37,18 +37,6 @@ def test_grid_caches_and_resumes(stories_path, data_dir, tmp_path):
     assert rows3[1]["ppl"] == rows[1]["ppl"]
 
 
-def test_failed_cell_does_not_kill_the_grid(stories_path, data_dir, tmp_path):
-    # W4 with a group size that divides nothing in this model fails; the other cell still runs
-    r = subprocess.run([sys.executable, "-m", "osp_eval", "table", stories_path, "--bits", "4-16-16",
-                        "--methods", "rtn,gptq", "--calib_data", "/nonexistent.txt", "--seqlen", "128",
-                        "--max_windows", "1", "--data_dir", data_dir, "--output_dir", str(tmp_path), "--no_progress"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    s = json.loads((tmp_path / "table" / "summary.json").read_text())
-    assert len(s["failed"]) == 1 and s["failed"][0]["method"] == "gptq" and "calib_data" in s["failed"][0]["error"]
-    assert "failed" in (tmp_path / "table" / "table.md").read_text()
-
-
 def test_spinquant_row_trains_once_and_caches(stories_path, data_dir, tmp_path):
     args = [sys.executable, "-m", "osp_eval", "table", stories_path, "--bits", "4-4-4", "--methods", "spinquant",
             "--calib_data", "c4", "--nsamples", "8", "--calib_seqlen", "128", "--seqlen", "128", "--max_windows", "1",
