@@ -10,7 +10,7 @@ from .arch import Dims, get_adapter
 from .config import QuantConfig
 from .errors import OspEvalError
 from .quant import fake_quant_weight
-from .runtime import ATTN_IMPL, ActSpec, KSpec, install_input_transform, install_output_quant, register_attention
+from .runtime import ATTN_IMPL, ATTN_IMPLS, ActSpec, KSpec, install_input_transform, install_output_quant, register_attention
 
 
 def check_compatible(model: nn.Module, cfg: QuantConfig) -> Dims:
@@ -89,7 +89,9 @@ def install_kv_quant(model: nn.Module, cfg: QuantConfig) -> None:
             v_spec = ActSpec(cfg.v_bits, not cfg.v_asym, cfg.v_clip_ratio, dims.head_dim)
             install_output_quant(ad.linears(layer)["v"], v_spec)
     if cfg.k_bits < 16:
-        model.set_attn_implementation(ATTN_IMPL)
+        current = model.config._attn_implementation
+        if current not in ATTN_IMPLS.values():
+            model.set_attn_implementation(ATTN_IMPLS.get(current, ATTN_IMPL))
 
 
 @torch.no_grad()
@@ -108,6 +110,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     `calib_ids` ([nsamples, seqlen] token ids) is needed for GPTQ only.
     """
     cfg.validate()
+    get_adapter(model).prepare(model)
     check_compatible(model, cfg)
     online = {}
     if cfg.rotate or cfg.rotate_down_proj:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import OspEvalError
@@ -21,20 +22,64 @@ class Dims:
     vocab: int
 
 
+class SplitLinear(nn.Module):
+    """A fused projection (Phi-3's qkv_proj, gate_up_proj) held as separate Linears whose outputs are
+    concatenated. Per-output-channel weight quantization, GPTQ (rows are independent given the shared input
+    Hessian), input rotations and input quantization act on each part exactly as on the fused weight, so
+    splitting changes nothing the model computes, and every method sees ordinary q/k/v and gate/up Linears."""
+
+    def __init__(self, fused: nn.Linear, parts: dict[str, int]):
+        super().__init__()
+        self.names = tuple(parts)
+        start = 0
+        for name, size in parts.items():
+            lin = nn.Linear(fused.in_features, size, bias=fused.bias is not None,
+                            device=fused.weight.device, dtype=fused.weight.dtype)
+            lin.weight.data.copy_(fused.weight.data[start:start + size])
+            if fused.bias is not None:
+                lin.bias.data.copy_(fused.bias.data[start:start + size])
+            lin.requires_grad_(fused.weight.requires_grad)
+            setattr(self, name, lin)
+            start += size
+        if start != fused.out_features:
+            raise OspEvalError(f"cannot split a fused projection of {fused.out_features} outputs into {parts}")
+
+    def forward(self, x):
+        return torch.cat([getattr(self, n)(x) for n in self.names], -1)
+
+
 @dataclass(frozen=True)
 class DecoderAdapter:
-    """A decoder-only family with pre-norm attention + gated MLP blocks (the Llama layout)."""
+    """A decoder-only family: attention + gated MLP blocks on a residual stream (the Llama layout and its
+    relatives). Fields name the modules; the few family facts that change the rotation math are data too:
+
+    - `attn_in_norm` / `mlp_in_norm`: the norms read by q/k/v and gate/up (None: the block reads the raw
+      residual, as OLMo 2 does). Their gains are folded into the readers under --rotate.
+    - `attn_out_norm` / `mlp_out_norm`: norms on a block's output before it joins the residual (Gemma's sandwich
+      norms, OLMo 2's post-norms). Their gain does not commute with R1, so under --rotate the norm keeps a unit
+      gain and the online matrix R1ᵀ·diag(gain)·R1 follows it (rotation.OutNormGain): exact at 16 bits.
+    - `norm_offset`: Gemma's RMSNorm multiplies by (1 + w): the gain is w + offset.
+    - `fused`: projections stored fused in the checkpoint, split into SplitLinear parts on load.
+    - `attn_implementation`: the attention kernel the family needs (Gemma 2's logit soft-capping is eager-only).
+    """
 
     family: str
     architectures: tuple[str, ...]
+    model_types: tuple[str, ...] = ()
     layers_path: str = "model.layers"
     embed_path: str = "model.embed_tokens"
     final_norm_path: str = "model.norm"
     lm_head_path: str = "lm_head"
     attn: str = "self_attn"
     mlp: str = "mlp"
-    input_norm: str = "input_layernorm"
-    post_attn_norm: str = "post_attention_layernorm"
+    attn_in_norm: str | None = "input_layernorm"
+    mlp_in_norm: str | None = "post_attention_layernorm"
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    norm_offset: float = 0.0
+    fused: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (attn|mlp, fused name, part names)
+    attn_implementation: str = "sdpa"
+    vllm: bool = False  # the vLLM path's hooks were checked against Transformers for this family
     q: str = "q_proj"
     k: str = "k_proj"
     v: str = "v_proj"
@@ -42,6 +87,7 @@ class DecoderAdapter:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    notes: str = ""
 
     # --- model-level parts
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -56,6 +102,22 @@ class DecoderAdapter:
     def lm_head(self, model: nn.Module) -> nn.Linear:
         return model.get_submodule(self.lm_head_path)
 
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Split fused projections into their parts (idempotent); call after loading, before anything else."""
+        if not self.fused:
+            return model
+        dims = self.dims(model)
+        sizes = {"q_proj": dims.num_heads * dims.head_dim, "k_proj": dims.num_kv_heads * dims.head_dim,
+                 "v_proj": dims.num_kv_heads * dims.head_dim, "gate_proj": dims.intermediate,
+                 "up_proj": dims.intermediate}
+        for layer in self.layers(model):
+            for block, name, parts in self.fused:
+                parent = getattr(layer, self.attn if block == "attn" else self.mlp)
+                fused = getattr(parent, name)
+                if not isinstance(fused, SplitLinear):
+                    setattr(parent, name, SplitLinear(fused, {p: sizes[p] for p in parts}))
+        return model
+
     # --- layer-level parts
     def attention(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attn)
@@ -64,17 +126,22 @@ class DecoderAdapter:
         """The seven Linears of a decoder layer, keyed by role (q, k, v, o, gate, up, down)."""
         attn, mlp = getattr(layer, self.attn), getattr(layer, self.mlp)
         return {
-            "q": getattr(attn, self.q),
-            "k": getattr(attn, self.k),
-            "v": getattr(attn, self.v),
-            "o": getattr(attn, self.o),
-            "gate": getattr(mlp, self.gate),
-            "up": getattr(mlp, self.up),
-            "down": getattr(mlp, self.down),
+            "q": attn.get_submodule(self.q),
+            "k": attn.get_submodule(self.k),
+            "v": attn.get_submodule(self.v),
+            "o": attn.get_submodule(self.o),
+            "gate": mlp.get_submodule(self.gate),
+            "up": mlp.get_submodule(self.up),
+            "down": mlp.get_submodule(self.down),
         }
 
-    def norms(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
-        return getattr(layer, self.input_norm), getattr(layer, self.post_attn_norm)
+    def norms(self, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+        """The norms read by the attention and the MLP (None where a block reads the raw residual)."""
+        return tuple(getattr(layer, n) if n else None for n in (self.attn_in_norm, self.mlp_in_norm))
+
+    def out_norms(self, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+        """The norms on the attention and MLP outputs (None for pre-norm-only families)."""
+        return tuple(getattr(layer, n) if n else None for n in (self.attn_out_norm, self.mlp_out_norm))
 
     # GPTQ's true-sequential order: each group sees the outputs of the already-quantized ones.
     sequential_groups: tuple[tuple[str, ...], ...] = (("k", "v", "q"), ("o",), ("up", "gate"), ("down",))
@@ -84,6 +151,7 @@ class DecoderAdapter:
 
     def config_dims(self, c) -> Dims:
         """Dims from a config alone (preflight checks run before the weights are loaded)."""
+        c = c.get_text_config() if hasattr(c, "get_text_config") else c
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         return Dims(
@@ -97,19 +165,41 @@ class DecoderAdapter:
         )
 
 
+_GEMMA = dict(mlp_in_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
+              mlp_out_norm="post_feedforward_layernorm", norm_offset=1.0)
 ADAPTERS = (
-    DecoderAdapter("llama", ("LlamaForCausalLM",)),
-    DecoderAdapter("mistral", ("MistralForCausalLM",)),
-    DecoderAdapter("qwen2", ("Qwen2ForCausalLM",)),
+    DecoderAdapter("llama", ("LlamaForCausalLM",), ("llama",), vllm=True,
+                   notes="Llama 2/3.x (rope scaling, GQA), SmolLM"),
+    DecoderAdapter("mistral", ("MistralForCausalLM",), ("mistral",), vllm=True),
+    DecoderAdapter("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), vllm=True, notes="q/k/v biases"),
+    DecoderAdapter("qwen3", ("Qwen3ForCausalLM",), ("qwen3",),
+                   notes="per-head QK RMSNorm on q/k outputs: after R1 (input side), before RoPE and R3: unaffected"),
+    DecoderAdapter("phi3", ("Phi3ForCausalLM",), ("phi3",),
+                   fused=(("attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                          ("mlp", "gate_up_proj", ("gate_proj", "up_proj"))),
+                   q="qkv_proj.q_proj", k="qkv_proj.k_proj", v="qkv_proj.v_proj",
+                   gate="gate_up_proj.gate_proj", up="gate_up_proj.up_proj",
+                   notes="fused qkv_proj / gate_up_proj split into exact parts"),
+    DecoderAdapter("gemma2", ("Gemma2ForCausalLM",), ("gemma2",), attn_implementation="eager", **_GEMMA,
+                   notes="(1+w) RMSNorm, sandwich norms, embedding scale, attention and final soft-capping"),
+    DecoderAdapter("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), **_GEMMA,
+                   notes="Gemma 2's layout plus per-head QK norm; sliding-window and global layers"),
+    DecoderAdapter("olmo2", ("Olmo2ForCausalLM",), ("olmo2",), attn_in_norm=None, mlp_in_norm=None,
+                   attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm",
+                   notes="post-norms only; whole-width QK norm on q/k outputs"),
+    DecoderAdapter("granite", ("GraniteForCausalLM",), ("granite",),
+                   notes="embedding, residual, attention and logit multipliers (all commute with rotations)"),
 )
 SUPPORTED = tuple(a for ad in ADAPTERS for a in ad.architectures)
+FAMILIES = ", ".join(ad.family for ad in ADAPTERS)
 
 
 def adapter_for_architecture(arch: str | None) -> DecoderAdapter:
     for ad in ADAPTERS:
         if arch in ad.architectures:
             return ad
-    raise OspEvalError(f"unsupported architecture {arch!r}: osp-eval supports {', '.join(SUPPORTED)}")
+    raise OspEvalError(f"unsupported architecture {arch!r}: osp-eval supports dense decoders of the families "
+                       f"{FAMILIES} ({', '.join(SUPPORTED)})")
 
 
 def adapter_for_config(config) -> DecoderAdapter:
@@ -118,7 +208,7 @@ def adapter_for_config(config) -> DecoderAdapter:
     if archs:
         return adapter_for_architecture(archs[0])
     for ad in ADAPTERS:
-        if ad.family == getattr(config, "model_type", None):
+        if getattr(config, "model_type", None) in ad.model_types:
             return ad
     return adapter_for_architecture(f"model_type={getattr(config, 'model_type', None)}")
 

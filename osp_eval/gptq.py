@@ -18,6 +18,7 @@ Differences from the reference (the first three change nothing beyond float roun
 
 from __future__ import annotations
 
+
 import logging
 import time
 from functools import partial
@@ -232,24 +233,52 @@ def _to(obj, device):
     return obj
 
 
-def _capture_inputs(model: nn.Module, first_layer: nn.Module, calib_ids: torch.Tensor, bs: int, device):
-    """Hidden states entering the first decoder layer [nsamples, seqlen, hidden] (on `device`), and the
-    other arguments of that call, one entry per batch (masks and positions are per batch)."""
-    inps, calls = None, []
+def _capture_inputs(model: nn.Module, layers, calib_ids: torch.Tensor, bs: int, device):
+    """Hidden states entering the first decoder layer [nsamples, seqlen, hidden] (on `device`), and the other
+    arguments of every layer's call, per batch: families with sliding-window and global layers (Gemma, Qwen3,
+    Mistral) give each layer type its own mask and position embeddings. Layers are skipped while capturing
+    (their arguments do not depend on the hidden states); tensors shared by layers are stored once."""
+    inps, calls, pending = None, [], {}
 
-    def hook(module, args, kwargs):
+    def hook(i, module, args, kwargs):
         nonlocal inps
         kwargs = dict(kwargs)
         x = args[0] if args else kwargs.pop("hidden_states")
-        if inps is None:
-            inps = torch.empty((len(calib_ids), *x.shape[1:]), dtype=x.dtype, device=device)
-        start = sum(c[0] for c in calls)
-        inps[start : start + len(x)] = x
-        calls.append((len(x), _to(tuple(args[1:]), device), _to(kwargs, device)))
-        raise _StopForward
+        kwargs.pop("hidden_states", None)
+        if i == 0:
+            if inps is None:
+                inps = torch.empty((len(calib_ids), *x.shape[1:]), dtype=x.dtype, device=device)
+            start = sum(c[0] for c in calls)
+            inps[start : start + len(x)] = x
+            pending.clear()
+            pending.update(n=len(x), args=_to(tuple(args[1:]), device), per_layer=[], moved={})
+        moved = pending["moved"]  # id(original tensor) -> its copy on `device`: one copy per shared tensor
+
+        def move(obj):
+            if isinstance(obj, torch.Tensor):
+                if id(obj) not in moved:
+                    moved[id(obj)] = (obj, obj.to(device))
+                return moved[id(obj)][1]
+            if isinstance(obj, (tuple, list)):
+                return type(obj)(move(o) for o in obj)
+            if isinstance(obj, dict):
+                return {k: move(v) for k, v in obj.items()}
+            return obj
+
+        pending["per_layer"].append(move(kwargs))
+        if i == len(layers) - 1:
+            calls.append((pending["n"], pending["args"], pending["per_layer"]))
+            raise _StopForward
+        return None
+
+    def skip(*args, **kwargs):  # a layer while capturing: the hidden states pass through unchanged
+        return args[0] if args else kwargs["hidden_states"]
 
     embed_device = get_adapter(model).embed(model).weight.device
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(partial(hook, i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    for layer in layers:
+        layer.forward = skip
     try:
         for i in range(0, len(calib_ids), bs):
             try:
@@ -257,18 +286,22 @@ def _capture_inputs(model: nn.Module, first_layer: nn.Module, calib_ids: torch.T
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+        for layer in layers:
+            del layer.forward  # back to the class's forward
     return inps, calls
 
 
-def _run_layer(layer: nn.Module, inps: torch.Tensor, calls, out: torch.Tensor | None = None, hooks=None) -> None:
-    """Run the layer on all windows, batch by batch, as the model calls it; write the outputs to `out`."""
+def _run_layer(layer: nn.Module, index: int, inps: torch.Tensor, calls, out: torch.Tensor | None = None,
+               hooks=None) -> None:
+    """Run layer `index` on all windows, batch by batch, as the model calls it; write the outputs to `out`."""
     start = 0
-    for n, args, kwargs in calls:
+    for n, args, per_layer in calls:
         if hooks is not None:
             hooks.start_forward()
         try:
-            y = layer(inps[start : start + n], *args, **kwargs)
+            y = layer(inps[start : start + n], *args, **per_layer[index])
             if out is not None:
                 out[start : start + n] = y[0] if isinstance(y, (tuple, list)) else y
         except _StopForward:
@@ -278,10 +311,11 @@ def _run_layer(layer: nn.Module, inps: torch.Tensor, calls, out: torch.Tensor | 
         hooks.start_forward()  # drop the references to the last batch's inputs
 
 
-def _quantize_group(layer: nn.Module, linears: dict[str, nn.Linear], inps, calls, cfg: QuantConfig) -> None:
+def _quantize_group(layer: nn.Module, index: int, linears: dict[str, nn.Linear], inps, calls,
+                    cfg: QuantConfig) -> None:
     hooks = HessianHooks(linears)
     try:
-        _run_layer(layer, inps, calls, hooks=hooks)
+        _run_layer(layer, index, inps, calls, hooks=hooks)
     finally:
         hooks.remove()
     for key, roles in hooks.groups().items():
@@ -335,18 +369,18 @@ def gptq_quantize_model(
     bs = batch_size or cfg.extra.get("gptq_batch_size") or (8 if device.type == "cuda" else 4)
 
     t_start = time.perf_counter()
-    inps, calls = _capture_inputs(model, layers[0], calib_ids, bs, device)
+    inps, calls = _capture_inputs(model, layers, calib_ids, bs, device)
     outs = torch.empty_like(inps)
     layer_seconds = []
     bar = tqdm(layers, desc="GPTQ", disable=not progress, leave=False)
-    for layer in bar:
+    for index, layer in enumerate(bar):
         t0 = time.perf_counter()
         if offload:
             layer.to(device)
         linears = ad.linears(layer)
         for group in ad.sequential_groups:
-            _quantize_group(layer, {r: linears[r] for r in group}, inps, calls, cfg)
-        _run_layer(layer, inps, calls, out=outs)  # the quantized layer feeds the next one
+            _quantize_group(layer, index, {r: linears[r] for r in group}, inps, calls, cfg)
+        _run_layer(layer, index, inps, calls, out=outs)  # the quantized layer feeds the next one
         if offload:
             layer.to(home)
         inps, outs = outs, inps

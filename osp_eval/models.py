@@ -115,12 +115,12 @@ def load_model(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     config = load_config(name_or_path, gguf_file)
-    adapter_for_config(config)
+    adapter = adapter_for_config(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             # GGUF: dequantize to plain fp32 Linears (other dtypes keep packed GGUF kernels), cast below.
             name_or_path, gguf_file=gguf_file, dtype=torch.float32 if gguf_file else dtype,
-            attn_implementation="sdpa",
+            attn_implementation=adapter.attn_implementation,
         )
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path, e) from e
@@ -136,5 +136,6 @@ def load_model(
             model.config.architectures = [type(model).__name__]
     model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
+    adapter.prepare(model)
     model.osp_source = {"model": name_or_path, "gguf_file": gguf_file}
     return model, load_tokenizer(name_or_path, gguf_file)

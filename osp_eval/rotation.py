@@ -4,8 +4,9 @@
 `--rotate` (QuaRot / SpinQuant), in this order, offline math in float64 then cast back:
   1. untie lm_head from the embedding; optionally mean-centre the embedding rows (reference parity; NOT
      function-preserving for RMSNorm models, so the 16-bit invariance holds only with it off);
-  2. fold every RMSNorm weight into the Linears that read it (q/k/v, gate/up, lm_head) and set it to 1;
-  3. R1 (hidden×hidden, orthogonal): residual stream x -> x·R1: readers get W·R1, writers R1ᵀ·W;
+  2. fold every pre-norm's gain into the Linears that read it (q/k/v, gate/up, lm_head) and set it to 1;
+  3. R1 (hidden×hidden, orthogonal): residual stream x -> x·R1: readers get W·R1, writers R1ᵀ·W; a norm on a
+     block's output (Gemma, OLMo 2) keeps a unit gain and is followed online by R1ᵀ·diag(gain)·R1;
   4. R2 (head_dim×head_dim, per layer): v_proj output rows and o_proj input columns, per head;
   5. R4: the down_proj Hadamard (online on its input, inverse folded into the weight).
 R3 (Q/K Hadamard after RoPE) lives in the attention function: it is on whenever K is quantized.
@@ -78,16 +79,28 @@ def untie_lm_head(model: nn.Module) -> None:
         model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
 
 
+def norm_gain(norm: nn.Module, offset: float) -> torch.Tensor:
+    """The RMSNorm's multiplier in float64: γ, or 1 + γ for Gemma's norms (offset 1)."""
+    return norm.weight.data.double() + offset
+
+
+def set_unit_gain(norm: nn.Module, offset: float) -> None:
+    norm.weight.data.fill_(1.0 - offset)
+
+
 @torch.no_grad()
 def fuse_norms(model: nn.Module) -> None:
-    """Fold each RMSNorm's γ into the input columns of the Linears that read its output; set γ = 1."""
+    """Fold each pre-norm's gain into the input columns of the Linears that read its output; set the gain to 1.
+    (Blocks that read the raw residual have nothing to fold; output norms are handled by `rotate_out_norms`.)"""
     ad = get_adapter(model)
 
-    def fold(norm: nn.Module, readers: list[nn.Linear]) -> None:
-        g = norm.weight.data.double()
+    def fold(norm: nn.Module | None, readers: list[nn.Linear]) -> None:
+        if norm is None:
+            return
+        g = norm_gain(norm, ad.norm_offset)
         for lin in readers:
             _set(lin, lin.weight.data.double() * g)
-        norm.weight.data.fill_(1.0)
+        set_unit_gain(norm, ad.norm_offset)
 
     for layer in ad.layers(model):
         lin = ad.linears(layer)
@@ -95,6 +108,53 @@ def fuse_norms(model: nn.Module) -> None:
         fold(attn_norm, [lin["q"], lin["k"], lin["v"]])
         fold(mlp_norm, [lin["gate"], lin["up"]])
     fold(ad.final_norm(model), [ad.lm_head(model)])
+
+
+class OutNormGain(nn.Module):
+    """After a unit-gain RMSNorm on a block's output, in the R1 basis: y -> y·R1ᵀ·diag(g)·R1.
+
+    RMSNorm without its gain commutes with an orthogonal R1 (rms(x·R1) = rms(x)); the gain g does not. The
+    block's writer (o_proj/down_proj) writes x·R1, the unit-gain norm gives norm(x)·R1, and this matrix turns
+    it into (norm(x)·diag(g))·R1 — what the residual stream expects. With `r1` a callable (SpinQuant training:
+    the trainable R1), the product is formed from the current R1 on each call."""
+
+    def __init__(self, gain: torch.Tensor, r1):
+        super().__init__()
+        self.register_buffer("gain", gain.detach().clone(), persistent=False)
+        if callable(r1):
+            self.r1_fn, self.matrix = r1, None
+        else:
+            self.r1_fn = None
+            r1 = r1.double().to(gain.device)
+            self.register_buffer("matrix", (r1.T * gain.double()) @ r1, persistent=False)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.matrix is not None:
+            dt = torch.promote_types(y.dtype, torch.float32)  # fp32 for half models, fp64 for fp64 ones
+            if self.matrix.dtype != dt:
+                self.matrix = self.matrix.to(dt)
+            return (y.to(dt) @ self.matrix).to(y.dtype)
+        r1 = self.r1_fn()
+        return (((y.to(r1.dtype) @ r1.T) * self.gain.to(r1.dtype)) @ r1).to(y.dtype)
+
+
+def _out_norm_hook(module: nn.Module, args, out):
+    return module.osp_out_gain(out)
+
+
+def rotate_out_norms(model: nn.Module, r1) -> None:
+    """Give every block-output norm a unit gain followed by its OutNormGain (families with post-norms)."""
+    ad = get_adapter(model)
+    for layer in ad.layers(model):
+        for norm in ad.out_norms(layer):
+            if norm is None:
+                continue
+            gain = norm_gain(norm, ad.norm_offset)
+            if hasattr(norm, "osp_out_gain_hook"):
+                norm.osp_out_gain_hook.remove()
+            norm.osp_out_gain = OutNormGain(gain, r1)
+            norm.osp_out_gain_hook = norm.register_forward_hook(_out_norm_hook)
+            set_unit_gain(norm, ad.norm_offset)
 
 
 def draw_rotations(cfg: QuantConfig, dims: Dims, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -230,6 +290,7 @@ def rotate_model(model: nn.Module, cfg: QuantConfig) -> dict[str, object]:
         prepare_for_r1(model, cfg)
         r1, r2s = draw_rotations(cfg, dims, next(model.parameters()).device)
         apply_r1_r2(model, r1, r2s, o_full_hadamard=cfg.o_proj_input == "hadamard")
+        rotate_out_norms(model, r1)
         if cfg.o_proj_input == "hadamard":
             online["o"] = CrossHeadHadamard(dims.num_heads, cfg.fp32_had)
     for layer in ad.layers(model):

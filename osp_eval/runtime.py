@@ -107,25 +107,42 @@ class KSpec:
 
 
 ATTN_IMPL = "osp_sdpa"
+# The K path wraps the family's own attention kernel: SDPA, or the modeling file's eager function where a family
+# needs it (Gemma 2's logit soft-capping, which SDPA does not implement).
+ATTN_IMPLS = {"sdpa": "osp_sdpa", "eager": "osp_eager"}
 
 
-def osp_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA after the K path: keys arrive post-RoPE and post-cache, shape [batch, kv_heads, tokens, head_dim].
+def _base_attention(module, name: str):
+    if name == "eager":
+        import sys
 
-    The cache holds unrotated, unquantized keys; rotation and rounding are deterministic per token,
-    so re-applying them at every decoding step gives what a quantized cache would hold.
-    """
+        return sys.modules[type(module).__module__].eager_attention_forward
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    kspec = getattr(module, "osp_k", None)
-    if kspec is not None:
-        query, key = kspec(query, key)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward
+
+
+def _osp_attention(base: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        """The family's attention after the K path: keys arrive post-RoPE and post-cache, shape
+        [batch, kv_heads, tokens, head_dim]. The cache holds unrotated, unquantized keys; rotation and rounding
+        are deterministic per token, so re-applying them at every decoding step gives what a quantized cache
+        would hold."""
+        kspec = getattr(module, "osp_k", None)
+        if kspec is not None:
+            query, key = kspec(query, key)
+        return _base_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+osp_sdpa_attention = _osp_attention("sdpa")
 
 
 def register_attention() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-    AttentionInterface.register(ATTN_IMPL, osp_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, sdpa_mask)
+    for base, name in ATTN_IMPLS.items():
+        AttentionInterface.register(name, _osp_attention(base))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, eager_mask if base == "eager" else sdpa_mask)

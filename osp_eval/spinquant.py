@@ -191,10 +191,11 @@ def prepare_training_model(model: nn.Module, cfg: QuantConfig, r1: torch.Tensor 
     """
     from .apply import check_compatible, install_activation_quant, install_kv_quant
     from .rotation import (OnlineHadamard, draw_rotations, fold_input_hadamard, prepare_for_r1, rotate_o_cols,
-                           rotate_reader, rotate_v_bias, rotate_v_rows, rotate_writer)
+                           rotate_out_norms, rotate_reader, rotate_v_bias, rotate_v_rows, rotate_writer)
 
     cfg = training_config(cfg)
     ad = get_adapter(model)
+    ad.prepare(model)
     dims = check_compatible(model, cfg)
     weight = ad.embed(model).weight
     rdtype = torch.promote_types(torch.float32, weight.dtype)  # fp32 for bf16 models, fp64 for fp64 ones
@@ -204,6 +205,7 @@ def prepare_training_model(model: nn.Module, cfg: QuantConfig, r1: torch.Tensor 
 
     model.requires_grad_(False)
     prepare_for_r1(model, cfg)
+    rotate_out_norms(model, lambda: rot.r1)  # post-norm families: the gain matrix follows the trainable R1
     hd = dims.head_dim
     wq = (lambda fn: _weight_ste(fn, cfg)) if cfg.w_bits < 16 else (lambda fn: fn)
     _parametrize(ad.embed(model), "weight", lambda w: rotate_reader(w, rot.r1), rdtype)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import get_adapter
+from .arch import ADAPTERS, get_adapter
 from .errors import OspEvalError
 from .runtime import _input_pre_hook
 
@@ -77,6 +77,11 @@ def check_supported(model: nn.Module) -> None:
     from vllm.platforms import current_platform
 
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    ad = get_adapter(model)
+    if not ad.vllm:
+        tested = ", ".join(a.family for a in ADAPTERS if a.vllm)
+        raise OspEvalError(f"the vLLM path is checked against Transformers for {tested} only, not {ad.family} "
+                           "(its fused or post-norm layouts need their own hooks): use --backend hf")
     if arch not in ModelRegistry.get_supported_archs():
         raise OspEvalError(f"vLLM cannot load architecture {arch}: use --backend hf")
     head_dim = get_adapter(model).dims(model).head_dim
