@@ -31,7 +31,7 @@ def check_dims(dims: Dims, cfg: QuantConfig) -> Dims:
             if g > 0 and n % g:
                 raise OspEvalError(f"{flag} {g} does not divide the {what} dimension {n} of this model")
     if cfg.rotate or cfg.rotate_down_proj or cfg.k_bits < 16:
-        from .hadamard import is_supported
+        from .hadamard import is_supported, unsupported_message
 
         sizes = {"head_dim (Q/K Hadamard)": dims.head_dim} if cfg.k_bits < 16 else {}
         if cfg.rotate or cfg.rotate_down_proj:
@@ -43,8 +43,7 @@ def check_dims(dims: Dims, cfg: QuantConfig) -> Dims:
             sizes["num_heads (cross-head Hadamard)"] = dims.num_heads
         for what, n in sizes.items():
             if not is_supported(n):
-                raise OspEvalError(f"no Hadamard construction for {what} = {n}: sizes must be 2^k or K*2^k "
-                                   "with K in 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 156, 172")
+                raise OspEvalError(unsupported_message(n, what))
     return dims
 
 

@@ -158,7 +158,7 @@ def test_loaded_rotation_file_is_used_and_invariant(stories, tmp_path):
 def test_size_without_hadamard_is_a_clear_error():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=100, num_hidden_layers=1, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=92, num_hidden_layers=1, num_attention_heads=4,
                       vocab_size=64)
     model = LlamaForCausalLM(cfg).eval()
     with pytest.raises(OspEvalError, match="no Hadamard construction for intermediate"):
