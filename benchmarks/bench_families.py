@@ -49,7 +49,14 @@ CONFIGS = {
         hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
         intermediate_size=8192, vocab_size=100352, max_position_embeddings=4096, rope_theta=500000.0,
         rms_norm_eps=1e-6, tie_word_embeddings=False)),
+    # Qwen3-30B-A3B with 4 of its 48 layers (128 experts, top 8): per-layer cost, projected to the whole model.
+    "qwen3-30b-a3b-4l": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        hidden_size=2048, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+        max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)),
 }
+FULL_LAYERS = {"qwen3-30b-a3b-4l": 48}
 ROWS = {
     "rtn": dict(w_method="rtn"),
     "ffn_had": dict(w_method="rtn", rotate_down_proj=True),
@@ -65,6 +72,8 @@ def build(name: str, tiny: bool, dtype, device, seed: int = 0):
     if tiny:  # the same family and head layout, small widths, for a CPU smoke run
         kw = {**kw, "hidden_size": 256 if name != "gemma-3-1b" else 288, "num_hidden_layers": 2,
               "intermediate_size": 512, "vocab_size": 512}
+        if "num_experts" in kw:
+            kw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)
         if "layer_types" in kw:
             kw["layer_types"] = kw["layer_types"][:2]
         if name == "phi-3.5-mini":
@@ -104,6 +113,7 @@ def main():
         t_build = time.perf_counter()
         model = build(name, args.tiny, dtype, device)
         rec["build_seconds"] = time.perf_counter() - t_build
+        rec["layers"] = model.config.num_hidden_layers
         rec["params_billion"] = sum(p.numel() for p in model.parameters()) / 1e9
         fp = evaluate(model)
         quantize_(model, preset("osp", rotate=True, center_embeddings=False, w_method="rtn"), progress=False)
@@ -123,7 +133,13 @@ def main():
                 quantize_(model, cfg, calib if cfg.w_method == "gptq" else None, progress=False)
             r = evaluate(model)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+            gptq = getattr(model, "osp_gptq_stats", {}) or {}
+            if "experts" in gptq:  # routed calibration tokens per expert, layer 0; fallbacks
+                tok = [v["samples"] for k, v in gptq["experts"][0].items() if k.startswith("gate.")]
+                rec.setdefault("expert_tokens_layer0", {})[row] = {"min": min(tok), "max": max(tok),
+                                                                   "fallbacks": len(gptq["expert_fallbacks"])}
             rec["rows"][row] = {"quantize_seconds": tq.seconds, "eval_seconds": r["eval_seconds"],
+                                "gptq_layer_seconds": gptq.get("layer_seconds"),
                                 "cell_seconds": tq.seconds + r["eval_seconds"], "ppl": r["ppl"],
                                 "finite": math.isfinite(r["ppl"]), "tokens": r["tokens"],
                                 "tokens_per_second": r["tokens_per_second"], "peak_gpu_gib": peak}
@@ -133,8 +149,15 @@ def main():
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
+            save(f"bench_families_{'tiny_' if args.tiny else ''}{device}", {"args": vars(args), "models": out + [rec]})
         rec["four_rows_seconds"] = sum(v["cell_seconds"] for v in rec["rows"].values())
         print(f"  four rows: {rec['four_rows_seconds']:.1f}s of compute", flush=True)
+        if name in FULL_LAYERS:  # the layers dominate: scale the measured cells to the whole depth
+            scale = FULL_LAYERS[name] / rec["layers"]
+            rec["projected_full_model"] = {"layers": FULL_LAYERS[name], "four_rows_seconds":
+                                           rec["four_rows_seconds"] * scale}
+            print(f"  projected to {FULL_LAYERS[name]} layers: {rec['four_rows_seconds'] * scale:.0f}s "
+                  f"(x{scale:.0f}, embedding/lm_head counted at full depth: an upper bound)", flush=True)
         out.append(rec)
         save(f"bench_families_{'tiny_' if args.tiny else ''}{device}", {"args": vars(args), "models": out})
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Dims, get_adapter
+from .arch import Dims, base_role, get_adapter
 from .config import QuantConfig
 from .errors import OspEvalError
 from .quant import fake_quant_weight
@@ -65,6 +65,7 @@ def install_activation_quant(model: nn.Module, cfg: QuantConfig, online: dict[st
     online = online or {}
     for layer in ad.layers(model):
         for role, linear in ad.linears(layer).items():
+            role = base_role(role)  # every expert's down_proj gets the down_proj transform
             if cfg.a_bits < 16 or role in online:
                 install_input_transform(linear, specs[role], online.get(role))
 

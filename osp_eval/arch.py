@@ -48,6 +48,54 @@ class SplitLinear(nn.Module):
         return torch.cat([getattr(self, n)(x) for n in self.names], -1)
 
 
+class ExpertMLP(nn.Module):
+    """One expert of a mixture-of-experts block as three ordinary Linears."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn):
+        super().__init__()
+        inter, hidden = gate_up.shape[0] // 2, gate_up.shape[1]
+        kw = dict(bias=False, device=gate_up.device, dtype=gate_up.dtype)
+        self.gate_proj, self.up_proj = nn.Linear(hidden, inter, **kw), nn.Linear(hidden, inter, **kw)
+        self.down_proj = nn.Linear(inter, hidden, **kw)
+        self.gate_proj.weight.data.copy_(gate_up[:inter])
+        self.up_proj.weight.data.copy_(gate_up[inter:])
+        self.down_proj.weight.data.copy_(down)
+        self.act_fn = act_fn
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ExpertLinears(nn.Module):
+    """transformers' stacked expert weights ([experts, 2·inter, hidden] and [experts, hidden, inter]) as one
+    ExpertMLP per expert, with the same routing arithmetic: each expert sees only the tokens routed to it, so
+    its input quantizer, online Hadamard and GPTQ Hessian see exactly those tokens. `tokens` counts the tokens
+    each expert received since the last reset (GPTQ reports it)."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.num_experts = experts.num_experts
+        self.experts = nn.ModuleList(ExpertMLP(experts.gate_up_proj.data[e], experts.down_proj.data[e],
+                                               experts.act_fn) for e in range(self.num_experts))
+        self.tokens = torch.zeros(self.num_experts, dtype=torch.long)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == e)
+            if e >= self.num_experts:
+                continue
+            self.tokens[e] += len(token)
+            y = self.experts[e](hidden_states[token]) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def base_role(role: str) -> str:
+    """"gate.5" (expert 5's gate_proj) -> "gate"; dense roles are their own base."""
+    return role.split(".", 1)[0]
+
+
 @dataclass(frozen=True)
 class DecoderAdapter:
     """A decoder-only family: attention + gated MLP blocks on a residual stream (the Llama layout and its
@@ -79,6 +127,9 @@ class DecoderAdapter:
     norm_offset: float = 0.0
     fused: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (attn|mlp, fused name, part names)
     attn_implementation: str = "sdpa"
+    experts: str | None = None  # mixture of experts: the stacked experts module and the router, under `mlp`
+    router: str = "gate"
+    intermediate_attr: str = "intermediate_size"  # the expert width for MoE configs that have both
     vllm: bool = False  # the vLLM path's hooks were checked against Transformers for this family
     q: str = "q_proj"
     k: str = "k_proj"
@@ -103,7 +154,14 @@ class DecoderAdapter:
         return model.get_submodule(self.lm_head_path)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Split fused projections into their parts (idempotent); call after loading, before anything else."""
+        """Split fused projections into their parts and stacked experts into per-expert Linears (idempotent);
+        call after loading, before anything else."""
+        if self.experts:
+            for layer in self.layers(model):
+                mlp = getattr(layer, self.mlp)
+                stacked = getattr(mlp, self.experts, None)
+                if stacked is not None and not isinstance(stacked, ExpertLinears):
+                    setattr(mlp, self.experts, ExpertLinears(stacked))
         if not self.fused:
             return model
         dims = self.dims(model)
@@ -123,17 +181,31 @@ class DecoderAdapter:
         return getattr(layer, self.attn)
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
-        """The seven Linears of a decoder layer, keyed by role (q, k, v, o, gate, up, down)."""
+        """The Linears of a decoder layer, keyed by role: q, k, v, o, gate, up, down; in a mixture-of-experts
+        layer gate.E, up.E, down.E for each expert E (`base_role` gives the dense role)."""
         attn, mlp = getattr(layer, self.attn), getattr(layer, self.mlp)
-        return {
-            "q": attn.get_submodule(self.q),
-            "k": attn.get_submodule(self.k),
-            "v": attn.get_submodule(self.v),
-            "o": attn.get_submodule(self.o),
-            "gate": mlp.get_submodule(self.gate),
-            "up": mlp.get_submodule(self.up),
-            "down": mlp.get_submodule(self.down),
-        }
+        out = {"q": attn.get_submodule(self.q), "k": attn.get_submodule(self.k), "v": attn.get_submodule(self.v),
+               "o": attn.get_submodule(self.o)}
+        experts = getattr(mlp, self.experts, None) if self.experts else None
+        if isinstance(experts, ExpertLinears):
+            for e, ex in enumerate(experts.experts):
+                out |= {f"gate.{e}": ex.gate_proj, f"up.{e}": ex.up_proj, f"down.{e}": ex.down_proj}
+        elif experts is not None:
+            raise OspEvalError("internal error: stacked experts not prepared (call adapter.prepare(model))")
+        else:
+            out |= {"gate": mlp.get_submodule(self.gate), "up": mlp.get_submodule(self.up),
+                    "down": mlp.get_submodule(self.down)}
+        return out
+
+    def routers(self, layer: nn.Module) -> list[nn.Module]:
+        """Modules with a [experts, hidden] `weight` that read the MLP's input: they stay full precision but are
+        rotated and norm-folded like gate/up, so routing is unchanged at 16 bits."""
+        mlp = getattr(layer, self.mlp)
+        return [getattr(mlp, self.router)] if self.experts and hasattr(mlp, self.experts) else []
+
+    def expert_tokens(self, layer: nn.Module) -> torch.Tensor | None:
+        experts = getattr(getattr(layer, self.mlp), self.experts, None) if self.experts else None
+        return experts.tokens if isinstance(experts, ExpertLinears) else None
 
     def norms(self, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
         """The norms read by the attention and the MLP (None where a block reads the raw residual)."""
@@ -160,7 +232,7 @@ class DecoderAdapter:
             num_heads=heads,
             num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
-            intermediate=c.intermediate_size,
+            intermediate=getattr(c, self.intermediate_attr),
             vocab=c.vocab_size,
         )
 
@@ -189,6 +261,12 @@ ADAPTERS = (
                    notes="post-norms only; whole-width QK norm on q/k outputs"),
     DecoderAdapter("granite", ("GraniteForCausalLM",), ("granite",),
                    notes="embedding, residual, attention and logit multipliers (all commute with rotations)"),
+    DecoderAdapter("mixtral", ("MixtralForCausalLM",), ("mixtral",), experts="experts",
+                   notes="mixture of experts: top-k router (kept full precision), per-expert gate/up/down"),
+    DecoderAdapter("qwen3_moe", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), experts="experts",
+                   intermediate_attr="moe_intermediate_size", notes="mixture of experts + per-head QK norm"),
+    DecoderAdapter("olmoe", ("OlmoeForCausalLM",), ("olmoe",), experts="experts",
+                   notes="mixture of experts + whole-width QK norm"),
 )
 SUPPORTED = tuple(a for ad in ADAPTERS for a in ad.architectures)
 FAMILIES = ", ".join(ad.family for ad in ADAPTERS)

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import get_adapter
+from .arch import base_role, get_adapter
 from .config import QuantConfig
 from .errors import OspEvalError
-from .quant import quantize_dequant, weight_qparams
+from .quant import fake_quant_weight, quantize_dequant, weight_qparams
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,9 @@ class HessianHooks:
             raise _StopForward
 
     def _accumulate(self, key: str, x: torch.Tensor) -> None:
-        b = x.shape[0] if x.dim() > 2 else 1  # windows in this batch
+        # Samples in the running mean: windows of a dense layer (all of one length), or tokens for an expert,
+        # whose calls carry as many rows as tokens were routed to it.
+        b = x.shape[0]
         x = x.reshape(-1, x.shape[-1]).float()
         n = self.nsamples.get(key, 0)
         H = self.hessians.get(key)
@@ -204,13 +206,19 @@ class HessianHooks:
         self._called.clear()
 
     def groups(self) -> dict[str, list[str]]:
-        """Hessian key -> the roles that share it, in the group's order."""
+        """Hessian key -> the roles that share it, in the group's order. A dense Linear must have been called;
+        an expert that no calibration token was routed to has no Hessian and is left out (see uncalled)."""
         out: dict[str, list[str]] = {}
         for role in self.linears:
             if role not in self.key_of:
-                raise OspEvalError(f"GPTQ: {role} was never called during calibration")
+                if "." not in role:
+                    raise OspEvalError(f"GPTQ: {role} was never called during calibration")
+                continue
             out.setdefault(self.key_of[role], []).append(role)
         return out
+
+    def uncalled(self) -> list[str]:
+        return [r for r in self.linears if r not in self.key_of]
 
     def remove(self) -> None:
         for h in self.handles:
@@ -312,24 +320,38 @@ def _run_layer(layer: nn.Module, index: int, inps: torch.Tensor, calls, out: tor
 
 
 def _quantize_group(layer: nn.Module, index: int, linears: dict[str, nn.Linear], inps, calls,
-                    cfg: QuantConfig) -> None:
-    hooks = HessianHooks(linears)
+                    cfg: QuantConfig) -> dict[str, dict]:
+    """GPTQ one group of a layer's Linears. Returns per role: the relative weight change ||Q - W|| / ||W||, the
+    calibration samples behind its Hessian (windows; tokens for an expert), and the method: "gptq", or RTN for
+    an expert that no calibration token reached (without a Hessian GPTQ is undefined: the RTN recipe, clip search
+    included, is the fallback)."""
+    hooks = HessianHooks(linears, stop_early=not any("." in r for r in linears))
     try:
         _run_layer(layer, index, inps, calls, hooks=hooks)
     finally:
         hooks.remove()
+    report = {}
     for key, roles in hooks.groups().items():
         H = hooks.hessians.pop(key)
         weights = [linears[r].weight for r in roles]
         W = torch.cat(weights) if len(weights) > 1 else weights[0]
         Q = gptq_quantize_weight(W, H, cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip, cfg.percdamp,
                                  act_order=cfg.act_order, static_groups=cfg.static_groups)
-        del H, W
+        del H
         if not torch.isfinite(Q).all():
             raise OspEvalError(f"GPTQ produced non-finite weights for {'/'.join(roles)}: raise --percdamp")
-        for w, q in zip(weights, Q.split([w.shape[0] for w in weights])):
+        for r, w, q in zip(roles, weights, Q.split([w.shape[0] for w in weights])):
+            report[r] = {"method": "gptq", "samples": hooks.nsamples[key],
+                         "rel_error": ((q.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()}
             w.data.copy_(q)
-        del Q
+        del Q, W
+    for r in hooks.uncalled():
+        w = linears[r].weight
+        q = fake_quant_weight(w.data, cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip)
+        report[r] = {"method": "rtn (no calibration tokens)", "samples": 0,
+                     "rel_error": ((q.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()}
+        w.data.copy_(q)
+    return report
 
 
 def _validate(model: nn.Module, cfg: QuantConfig, calib_ids) -> None:
@@ -371,6 +393,7 @@ def gptq_quantize_model(
     t_start = time.perf_counter()
     inps, calls = _capture_inputs(model, layers, calib_ids, bs, device)
     outs = torch.empty_like(inps)
+    reports: list[dict] = [{} for _ in layers]
     layer_seconds = []
     bar = tqdm(layers, desc="GPTQ", disable=not progress, leave=False)
     for index, layer in enumerate(bar):
@@ -378,8 +401,12 @@ def gptq_quantize_model(
         if offload:
             layer.to(device)
         linears = ad.linears(layer)
+        tokens = ad.expert_tokens(layer)
+        if tokens is not None:
+            tokens.zero_()
         for group in ad.sequential_groups:
-            _quantize_group(layer, index, {r: linears[r] for r in group}, inps, calls, cfg)
+            members = {r: m for g in group for r, m in linears.items() if base_role(r) == g}  # the group's order
+            reports[index] |= _quantize_group(layer, index, members, inps, calls, cfg)
         _run_layer(layer, index, inps, calls, out=outs)  # the quantized layer feeds the next one
         if offload:
             layer.to(home)
@@ -397,6 +424,10 @@ def gptq_quantize_model(
         "nsamples": int(calib_ids.shape[0]),
         "seqlen": int(calib_ids.shape[1]),
     }
+    if ad.experts:  # expert-aware report: calibration tokens routed to each expert, its weight change, fallbacks
+        stats["experts"] = [{r: v for r, v in rep.items() if "." in r} for rep in reports]
+        stats["expert_fallbacks"] = [f"layer {i} {r}" for i, rep in enumerate(reports) for r, v in rep.items()
+                                     if v["method"] != "gptq"]
     log.info("GPTQ: %d layers in %.1f s (%.2f s per layer)", len(layers), stats["seconds"],
              sum(layer_seconds) / max(1, len(layer_seconds)))
     model.osp_gptq_stats = stats

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import get_adapter
+from .arch import base_role, get_adapter
 from .errors import OspEvalError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -62,7 +62,8 @@ def collect_outliers(model, windows: torch.Tensor, topk: int = 5, progress: bool
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(residual_hook(i + 1)))
         for role, linear in ad.linears(layer).items():
-            handles.append(linear.register_forward_pre_hook(linear_hook(i, role)))
+            # experts fold into their dense role: the largest input any expert saw
+            handles.append(linear.register_forward_pre_hook(linear_hook(i, base_role(role))))
     t0 = time.perf_counter()
     try:
         for w in tqdm(range(nwin), desc="outliers", disable=not progress, leave=False):

@@ -184,6 +184,8 @@ def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtyp
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     info["quantize_seconds"] = time.perf_counter() - t0
+    if getattr(model, "osp_gptq_stats", None):  # per-layer times; for MoE, tokens and weight error per expert
+        info["gptq"] = model.osp_gptq_stats
     info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     model.osp_config = cfg
     if save_qmodel_path:

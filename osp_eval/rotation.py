@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from .arch import Dims, get_adapter
+from .arch import Dims, base_role, get_adapter
 from .config import QuantConfig
 from .errors import OspEvalError
 from .hadamard import hadamard_matrix, hadamard_transform, random_hadamard_matrix
@@ -106,7 +106,7 @@ def fuse_norms(model: nn.Module) -> None:
         lin = ad.linears(layer)
         attn_norm, mlp_norm = ad.norms(layer)
         fold(attn_norm, [lin["q"], lin["k"], lin["v"]])
-        fold(mlp_norm, [lin["gate"], lin["up"]])
+        fold(mlp_norm, [m for r, m in lin.items() if base_role(r) in ("gate", "up")] + ad.routers(layer))
     fold(ad.final_norm(model), [ad.lm_head(model)])
 
 
@@ -253,10 +253,13 @@ def apply_r1_r2(model: nn.Module, r1: torch.Tensor, r2s: list[torch.Tensor], o_f
     reads(ad.lm_head(model))
     for layer, r2 in zip(ad.layers(model), r2s):
         lin = ad.linears(layer)
-        for role in ("q", "k", "v", "gate", "up"):
-            reads(lin[role])
-        writes(lin["o"])
-        writes(lin["down"])
+        for role, m in lin.items():
+            if base_role(role) in ("q", "k", "v", "gate", "up"):
+                reads(m)
+            elif base_role(role) in ("o", "down"):
+                writes(m)
+        for router in ad.routers(layer):  # full precision, but it reads the rotated residual: routing is kept
+            reads(router)
         r2 = r2.double().to(device)
         v = lin["v"]
         _set(v, rotate_v_rows(v.weight.data.double(), r2, hd))
@@ -294,5 +297,7 @@ def rotate_model(model: nn.Module, cfg: QuantConfig) -> dict[str, object]:
         if cfg.o_proj_input == "hadamard":
             online["o"] = CrossHeadHadamard(dims.num_heads, cfg.fp32_had)
     for layer in ad.layers(model):
-        fold_input_hadamard(ad.linears(layer)["down"])
+        for role, m in ad.linears(layer).items():
+            if base_role(role) == "down":
+                fold_input_hadamard(m)
     return online

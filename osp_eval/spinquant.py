@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .arch import get_adapter
+from .arch import base_role, get_adapter
 from .config import QuantConfig
 from .errors import OspEvalError
 
@@ -212,18 +212,24 @@ def prepare_training_model(model: nn.Module, cfg: QuantConfig, r1: torch.Tensor 
     _parametrize(ad.lm_head(model), "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
     for i, layer in enumerate(ad.layers(model)):
         lin = ad.linears(layer)
-        fold_input_hadamard(lin["down"])  # R4's offline half; commutes with R1ᵀ on the other side
         r2 = rot.r2[i]
-        for role in ("q", "k", "gate", "up"):
-            _parametrize(lin[role], "weight", wq(lambda w: rotate_reader(w, rot.r1)), rdtype)
+        for role, m in lin.items():
+            base = base_role(role)
+            if base == "down":
+                fold_input_hadamard(m)  # R4's offline half; commutes with R1ᵀ on the other side
+            if base in ("q", "k", "gate", "up"):
+                _parametrize(m, "weight", wq(lambda w: rotate_reader(w, rot.r1)), rdtype)
+            elif base in ("o", "down"):
+                o_cols = (lambda w, r2=r2: rotate_o_cols(rotate_writer(w, rot.r1), r2, hd)) if base == "o" else (
+                    lambda w: rotate_writer(w, rot.r1))
+                _parametrize(m, "weight", wq(o_cols), rdtype)
+                if m.bias is not None:
+                    _parametrize(m, "bias", lambda b: rotate_writer(b, rot.r1), rdtype)
         _parametrize(lin["v"], "weight", wq(lambda w, r2=r2: rotate_v_rows(rotate_reader(w, rot.r1), r2, hd)), rdtype)
-        _parametrize(lin["o"], "weight", wq(lambda w, r2=r2: rotate_o_cols(rotate_writer(w, rot.r1), r2, hd)), rdtype)
-        _parametrize(lin["down"], "weight", wq(lambda w: rotate_writer(w, rot.r1)), rdtype)
-        for role in ("o", "down"):
-            if lin[role].bias is not None:
-                _parametrize(lin[role], "bias", lambda b: rotate_writer(b, rot.r1), rdtype)
         if lin["v"].bias is not None:
             _parametrize(lin["v"], "bias", lambda b, r2=r2: rotate_v_bias(b, r2, hd), rdtype)
+        for router in ad.routers(layer):  # full precision: no weight quantizer
+            _parametrize(router, "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
     install_activation_quant(model, cfg, {"down": OnlineHadamard(cfg.fp32_had)})
     install_kv_quant(model, cfg)
     _set_ste(model)

@@ -177,7 +177,7 @@ def test_unsupported_architecture_names_the_families():
     from osp_eval.arch import adapter_for_architecture
     from osp_eval.errors import OspEvalError
 
-    for arch in ("MixtralForCausalLM", "LlavaForConditionalGeneration"):
+    for arch in ("DeepseekV3ForCausalLM", "LlavaForConditionalGeneration"):
         with pytest.raises(OspEvalError) as e:
             adapter_for_architecture(arch)
         msg = str(e.value)
