@@ -117,21 +117,14 @@ def preflight(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto"
 
 
 def save_qmodel(model, cfg: QuantConfig, path: str, info: dict | None = None, fingerprint: dict | None = None) -> None:
-    """Save the fake-quantized weights with the config and the source model's fingerprint (--load_qmodel_path)."""
-    import os
-    import tempfile
+    """Save the fake-quantized weights with the config and the source model's fingerprint (--load_qmodel_path),
+    atomically."""
+    from .provenance import torch_save_atomic
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     blob = {"format": QMODEL_FORMAT, "config": cfg.to_dict(), "info": info or {}, "state_dict": sd,
             "model_digest": (fingerprint or {}).get("digest")}
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)  # atomic: a reader never loads half a file
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    torch_save_atomic(blob, path)
 
 
 def _load_qmodel_state(path: str, cfg: QuantConfig, model_digest: str | None = None) -> tuple[dict, dict]:

@@ -280,19 +280,31 @@ def provenance(started: str | None = None) -> dict:
 # ------------------------------------------------------------------ files
 
 
-def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write JSON through a temporary file and a rename: a reader never sees half a file."""
+def _atomic(path: str | Path, write) -> Path:
+    """`write(tmp)` a temporary file beside `path`, then rename it over `path`: a reader never sees half a file,
+    and a failed write leaves the old file and no temporary behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2, default=str) + "\n")
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def torch_save_atomic(obj, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def check_writable(directory: str | Path, what: str = "--output_dir") -> None:

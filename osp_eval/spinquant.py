@@ -112,20 +112,9 @@ class Rotations(nn.Module):
 
 def save_rotations(path: str | Path, state: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
     """R.bin as a plain dict of tensors (others' loaders read it); metadata goes next to it as PATH.json."""
-    import os
-    import tempfile
+    from .provenance import torch_save_atomic, write_json_atomic
 
-    from .provenance import write_json_atomic
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a reader never loads half a file
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    path = torch_save_atomic(state, path)
     if meta is not None:  # written after R.bin: a sidecar always describes a complete file
         write_json_atomic(f"{path}.json", meta)
     return path

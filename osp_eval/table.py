@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 import time
 import traceback
@@ -25,7 +24,7 @@ from .config import preset
 from .data import calibration_text, wikitext2_data
 from .errors import OspEvalError
 from .pipeline import model_slug, ppl_result_path
-from .provenance import write_json_atomic
+from .provenance import write_json_atomic, write_text_atomic
 
 # The OSP README's rows, as recipe overrides on the preset.
 METHODS = {
@@ -265,12 +264,6 @@ def write_reports(args, models, bits_list, methods, results, failures, seconds, 
                "failed": failures, "data": data, "files": [str(out / n) for n in ("table.md", "table.csv", "table.png")]}
     write_json_atomic(out / "summary.json", summary)
     return summary
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def pct(v) -> str:
