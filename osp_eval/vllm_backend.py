@@ -94,8 +94,11 @@ def check_supported(model: nn.Module) -> None:
 
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every weight under its HF name, lm_head included even when tied (the engine's lm_head is untied)."""
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
     ad = get_adapter(model)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    for _, fused, parts in ad.fused:  # split projections go back under their own names; vLLM fuses them again
+        for part in parts:
+            sd = {k.replace(f".{fused}.{part}.", f".{part}."): v for k, v in sd.items()}
     sd.setdefault(f"{ad.lm_head_path}.weight", ad.lm_head(model).weight.detach())
     return sd
 
@@ -170,6 +173,15 @@ def _install(vmodel: nn.Module, parts: list[dict]) -> None:
         _set_input_hook(mlp.down_proj, p["down"])
         _set_v_hook(attn.qkv_proj, p["v_quant"], p["v_start"])
         _set_k_hook(attn.attn, p["k"], p["head_dim"])
+        for name, gain in p["out_norms"].items():  # post-norm families under --rotate: R1ᵀ·diag(gain)·R1
+            _swap_hook(getattr(layer, name), "osp_out_gain_hook", _out_gain_hook if gain is not None else None,
+                       pre=False, osp_out_gain=gain)
+
+
+def _out_gain_hook(module: nn.Module, args, out):
+    if isinstance(out, tuple):  # a norm called with a residual returns (normed, residual)
+        return (module.osp_out_gain(out[0]),) + tuple(out[1:])
+    return module.osp_out_gain(out)
 
 
 class VllmEngine:
@@ -224,6 +236,8 @@ class VllmEngine:
                 "qkv": _same([t["q"], t["k"], t["v"]]), "o": t["o"], "gate_up": _same([t["gate"], t["up"]]),
                 "down": t["down"], "v_quant": v_out, "v_start": (dims.num_heads + dims.num_kv_heads) * dims.head_dim,
                 "k": getattr(ad.attention(layer), "osp_k", None), "head_dim": dims.head_dim,
+                "out_norms": {n: getattr(getattr(layer, n), "osp_out_gain", None)
+                              for n in (ad.attn_out_norm, ad.mlp_out_norm) if n},
             })
         sd = _state_dict(model)
         # The engine may hold another dtype/device than the HF model; load_weights copies into its params.

@@ -302,3 +302,42 @@ def test_lighteval_loglik_backend_hf_keeps_scoring_in_transformers(smollm2_path,
     assert mixed["backends"] == {"loglikelihood": "hf", "generation": "vllm"}
     assert mixed["tasks"]["arc:easy"]["value"] == hf["tasks"]["arc:easy"]["value"]
 
+
+
+# New families, each in an engine of its own (so after the tests of the shared engine): a tiny random model with
+# head_dim 64 (vLLM's CPU attention sizes), random norm gains, W4 QuaRot with RTN weights, against Transformers.
+# Weight-only, as FULL above: activation rounding turns fp32 GEMM noise into O(1e-3) differences (5.7e-3 seen for
+# Qwen3 at A4KV4); the activation/K/V hooks are the same code for every family and are checked per Linear above.
+FAMILY_CONFIGS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(embedding_multiplier=6.0, residual_multiplier=0.3,
+                                                             attention_multiplier=0.1, logits_scaling=4.0)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0)),  # split qkv/gate_up, fused again by vLLM
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(  # post-norms: R1ᵀ·diag(gain)·R1 hooks in vLLM
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=64)),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_new_family_matches_transformers_in_vllm(family, stories_path):
+    import transformers
+
+    from osp_eval.models import load_tokenizer
+    from osp_eval.vllm_backend import VllmEngine
+
+    config_cls, model_cls, extra = FAMILY_CONFIGS[family]
+    config = getattr(transformers, config_cls)(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=256, tie_word_embeddings=False, **extra)
+    config.architectures = [model_cls]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).float().eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if family == "gemma3" else 1.0))
+    quantize_(model, QuantConfig(w_bits=4, w_clip=False, rotate=True), progress=False)
+    engine = VllmEngine(model, load_tokenizer(stories_path), max_model_len=SEQLEN + 1)
+    ids = torch.randint(0, 512, (SEQLEN,), generator=torch.Generator().manual_seed(1))
+    got = engine.prompt_logprobs([ids.tolist()])[0]
+    assert (got - hf_logprobs(model, ids)).abs().max().item() < 1e-4, family
