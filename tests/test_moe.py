@@ -149,3 +149,28 @@ def test_spinquant_trains_on_moe_and_keeps_routing():
         got, routes = routing(fresh, x)
     assert ((got - want).norm() / want.norm()).item() < 1e-6
     assert all(torch.equal(a.sort(-1).values, b.sort(-1).values) for a, b in zip(want_routes, routes))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3"])
+def test_lighteval_runs_on_new_families(family, stories_path, data_dir, tmp_path):
+    """The lighteval path end to end on a saved tiny model (a MoE and a post-norm family), W4A4KV4 QuaRot-RTN."""
+    import shutil
+
+    from osp_eval.lighteval_run import run_lighteval
+
+    if family == "gemma3":
+        from test_families import build as build_dense
+
+        model = build_dense("gemma3", torch.float32)
+    else:
+        model = build(family, torch.float32)
+    model.resize_token_embeddings(512)  # the stories260K tokenizer's vocabulary
+    folder = tmp_path / family
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(f"{stories_path}/{f}", folder / f)
+    cfg = preset("osp", w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn", w_clip=False, rotate=True)
+    r = run_lighteval(str(folder), cfg, tasks="arc:easy|0", data_dir=data_dir, max_samples=3, batch_size=4,
+                      max_length=128, output_dir=str(tmp_path / "out"), progress=False, device="cpu")
+    assert 0 <= r["tasks"]["arc:easy"]["value"] <= 1 and r["tasks"]["arc:easy"]["n_samples"] == 3
+    assert r["model_fingerprint"]["digest"] and r["identity"]["model"] == r["model_fingerprint"]["digest"]
