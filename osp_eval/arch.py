@@ -80,15 +80,25 @@ class ExpertLinears(nn.Module):
         self.tokens = torch.zeros(self.num_experts, dtype=torch.long)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for e in top_k_index.unique().tolist():
-            token, slot = torch.where(top_k_index == e)
-            if e >= self.num_experts:
-                continue
+        def expert(e, token):
             self.tokens[e] += len(token)
-            y = self.experts[e](hidden_states[token]) * top_k_weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out
+            return self.experts[e](hidden_states[token])
+
+        return routed_sum(hidden_states, top_k_index, top_k_weights, expert, self.num_experts)
+
+
+def routed_sum(hidden_states, top_k_index, top_k_weights, expert, num_experts: int) -> torch.Tensor:
+    """transformers' expert dispatch: each token's output is the sum over its top-k experts of routing weight ×
+    `expert(e, token)` (expert e run on the rows `token` routed to it). Shared by ExpertLinears and the vLLM path's
+    expert loop, so both add the same terms in the same order."""
+    out = torch.zeros_like(hidden_states)
+    for e in top_k_index.unique().tolist():
+        if e >= num_experts:
+            continue
+        token, slot = torch.where(top_k_index == e)
+        y = expert(e, token) * top_k_weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
 
 
 def base_role(role: str) -> str:
@@ -131,6 +141,7 @@ class DecoderAdapter:
     router: str = "gate"
     intermediate_attr: str = "intermediate_size"  # the expert width for MoE configs that have both
     vllm: bool = False  # the vLLM path's hooks were checked against Transformers for this family
+    vllm_mlp: str = "mlp"  # the MLP / mixture-of-experts block in vLLM's decoder layer
     q: str = "q_proj"
     k: str = "k_proj"
     v: str = "v_proj"
@@ -203,9 +214,14 @@ class DecoderAdapter:
         mlp = getattr(layer, self.mlp)
         return [getattr(mlp, self.router)] if self.experts and hasattr(mlp, self.experts) else []
 
-    def expert_tokens(self, layer: nn.Module) -> torch.Tensor | None:
+    def expert_linears(self, layer: nn.Module) -> ExpertLinears | None:
+        """A mixture-of-experts layer's prepared experts (None for a dense layer)."""
         experts = getattr(getattr(layer, self.mlp), self.experts, None) if self.experts else None
-        return experts.tokens if isinstance(experts, ExpertLinears) else None
+        return experts if isinstance(experts, ExpertLinears) else None
+
+    def expert_tokens(self, layer: nn.Module) -> torch.Tensor | None:
+        experts = self.expert_linears(layer)
+        return experts.tokens if experts is not None else None
 
     def norms(self, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
         """The norms read by the attention and the MLP (None where a block reads the raw residual)."""
@@ -261,11 +277,12 @@ ADAPTERS = (
                    notes="post-norms only; whole-width QK norm on q/k outputs"),
     DecoderAdapter("granite", ("GraniteForCausalLM",), ("granite",), vllm=True,
                    notes="embedding, residual, attention and logit multipliers (all commute with rotations)"),
-    DecoderAdapter("mixtral", ("MixtralForCausalLM",), ("mixtral",), experts="experts",
+    DecoderAdapter("mixtral", ("MixtralForCausalLM",), ("mixtral",), experts="experts", vllm=True,
+                   vllm_mlp="block_sparse_moe",
                    notes="mixture of experts: top-k router (kept full precision), per-expert gate/up/down"),
-    DecoderAdapter("qwen3_moe", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), experts="experts",
+    DecoderAdapter("qwen3_moe", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), experts="experts", vllm=True,
                    intermediate_attr="moe_intermediate_size", notes="mixture of experts + per-head QK norm"),
-    DecoderAdapter("olmoe", ("OlmoeForCausalLM",), ("olmoe",), experts="experts",
+    DecoderAdapter("olmoe", ("OlmoeForCausalLM",), ("olmoe",), experts="experts", vllm=True,
                    notes="mixture of experts + whole-width QK norm"),
 )
 SUPPORTED = tuple(a for ad in ADAPTERS for a in ad.architectures)

@@ -11,6 +11,9 @@ call `load` again. Notes: /work/shared/docs/ENVIRONMENT.md §4.
   vLLM's Attention module, which receives q/k after RoPE and before the KV-cache write: the cache then holds
   quantized keys, which is what the Transformers path computes by re-quantizing its cached keys every step
   (rotation and rounding are per token and head, hence deterministic).
+- Mixture of experts: vLLM's fused MoE kernel never materializes an expert's down_proj input, so each MoE block's
+  forward becomes `ExpertLoop` (per expert, the Transformers path's arithmetic and transforms) over the quantized
+  expert weights written into vLLM's fused-experts parameters; attention, norms and the KV cache stay vLLM's.
 - lighteval through vLLM: multiple-choice rows are scored from prompt log-probs (`score_rows_vllm`), generative
   tasks decode greedily in vLLM (`generate_vllm`), with the Transformers path's prompts and stop strings.
 - One GPU (tensor_parallel_size 1). With TP > 1 vLLM's row-parallel Linears (o_proj, down_proj) each see a slice
@@ -29,15 +32,18 @@ call `load` again. Notes: /work/shared/docs/ENVIRONMENT.md §4.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import ADAPTERS, get_adapter
+from .arch import ADAPTERS, get_adapter, routed_sum
 from .errors import OspEvalError
 from .runtime import _input_pre_hook
 
@@ -93,9 +99,13 @@ def check_supported(model: nn.Module) -> None:
 
 
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight under its HF name, lm_head included even when tied (the engine's lm_head is untied)."""
+    """Every weight under its HF name, lm_head included even when tied (the engine's lm_head is untied); but not the
+    experts and routers of mixture-of-experts layers, which `_set_experts` puts in place itself."""
     ad = get_adapter(model)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    own = {id(m) for layer in ad.layers(model) if ad.expert_linears(layer) is not None
+           for m in (ad.expert_linears(layer), *ad.routers(layer))}
+    skip = tuple(f"{name}." for name, m in model.named_modules() if id(m) in own)
+    sd = {k: v.detach() for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
     for _, fused, parts in ad.fused:  # split projections go back under their own names; vLLM fuses them again
         for part in parts:
             sd = {k.replace(f".{fused}.{part}.", f".{part}."): v for k, v in sd.items()}
@@ -103,7 +113,7 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _same(transforms: list) -> object:
+def _same(transforms: list, what: str = "q/k/v (and gate/up)") -> object:
     """The one transform of a fused Linear's parts (None when none has one); they must agree."""
     first = transforms[0]
     for t in transforms[1:]:
@@ -111,7 +121,7 @@ def _same(transforms: list) -> object:
             t is None or (t.act == first.act and t.rotation is first.rotation and t.quant_enabled == first.quant_enabled)
         )
         if not same:
-            raise OspEvalError("the vLLM path needs q/k/v (and gate/up) to share one input transform")
+            raise OspEvalError(f"the vLLM path needs {what} to share one input transform")
     return first
 
 
@@ -166,11 +176,14 @@ def _install(vmodel: nn.Module, parts: list[dict]) -> None:
     if len(layers) != len(parts):
         raise OspEvalError(f"vLLM model has {len(layers)} layers, the Transformers model {len(parts)}")
     for layer, p in zip(layers, parts):
-        attn, mlp = layer.self_attn, layer.mlp
+        attn, mlp = layer.self_attn, getattr(layer, p["mlp"])
         _set_input_hook(attn.qkv_proj, p["qkv"])
         _set_input_hook(attn.o_proj, p["o"])
-        _set_input_hook(mlp.gate_up_proj, p["gate_up"])
-        _set_input_hook(mlp.down_proj, p["down"])
+        if "moe" in p:
+            _set_experts(mlp, p["moe"])
+        else:
+            _set_input_hook(mlp.gate_up_proj, p["gate_up"])
+            _set_input_hook(mlp.down_proj, p["down"])
         _set_v_hook(attn.qkv_proj, p["v_quant"], p["v_start"])
         _set_k_hook(attn.attn, p["k"], p["head_dim"])
         for name, gain in p["out_norms"].items():  # post-norm families under --rotate: R1ᵀ·diag(gain)·R1
@@ -182,6 +195,57 @@ def _out_gain_hook(module: nn.Module, args, out):
     if isinstance(out, tuple):  # a norm called with a residual returns (normed, residual)
         return (module.osp_out_gain(out[0]),) + tuple(out[1:])
     return module.osp_out_gain(out)
+
+
+@dataclass
+class ExpertLoop:
+    """The forward of a vLLM mixture-of-experts block, replacing its fused kernel (which computes every expert's
+    down_proj input inside one kernel, where no per-expert transform can reach it): the Transformers path's
+    arithmetic (`arch.routed_sum`) on the weights in vLLM's fused-experts module.
+
+    `weights.w13_weight` is [experts, 2·inter, hidden] with gate rows first, `weights.w2_weight` [experts, hidden,
+    inter]: `_set_experts` writes them in this layout (vLLM's own kernel layout, prepacked on CPU, is not used).
+    Routing is a copy of the Transformers router module, so softmax, top-k and renormalization (Mixtral always,
+    Qwen3-MoE and OLMoE per `norm_topk_prob`) and their dtypes are the family's own."""
+
+    router: nn.Module
+    act_fn: Callable
+    gate_up: nn.Module | None  # every expert's gate/up input transform (one, shared)
+    down: nn.Module | None  # every expert's down_proj input transform: online Hadamard + activation quant
+    weights: nn.Module
+
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        _, top_k_weights, top_k_index = self.router(x)
+        # Activation quant is per token (or per token and group): rows are independent, so transforming every
+        # token once equals transforming, for each expert, the rows routed to it (what the Transformers path does).
+        xq = self.gate_up(x) if self.gate_up is not None else x
+        w13, w2 = self.weights.w13_weight, self.weights.w2_weight
+        inter = w2.shape[-1]
+
+        def expert(e: int, token: torch.Tensor) -> torch.Tensor:
+            h = xq[token]  # gate and up as two GEMMs, as the Transformers path's two Linears compute them
+            h = self.act_fn(F.linear(h, w13[e, :inter])) * F.linear(h, w13[e, inter:])
+            return F.linear(self.down(h) if self.down is not None else h, w2[e])
+
+        return routed_sum(x, top_k_index, top_k_weights, expert, w13.shape[0]).reshape(shape)
+
+
+def _set_experts(block: nn.Module, moe: dict) -> None:
+    """Write one layer's (quantized, rotated) expert weights into vLLM's fused-experts parameters and run the
+    block through ExpertLoop with the layer's router and transforms."""
+    holder = next((m for m in block.modules() if hasattr(m, "w13_weight") and hasattr(m, "w2_weight")), None)
+    if holder is None:
+        raise OspEvalError(f"this vLLM version's {type(block).__name__} has no w13_weight/w2_weight expert "
+                           "parameters, which the vLLM path's expert loop uses: use --backend hf")
+    to = dict(device=holder.w13_weight.device, dtype=moe["dtype"])
+    # Replacing .data (not copying into it): vLLM may have repacked the parameter into a kernel layout of another
+    # shape. One layer at a time, so the extra memory is one layer's experts.
+    holder.w13_weight.data = torch.stack([torch.cat([g, u]) for g, u, _ in moe["weights"]]).to(**to)
+    holder.w2_weight.data = torch.stack([d for _, _, d in moe["weights"]]).to(**to)
+    block.forward = ExpertLoop(copy.deepcopy(moe["router"]).to(**to), moe["act_fn"], moe["gate_up"], moe["down"],
+                               holder)
 
 
 class VllmEngine:
@@ -232,13 +296,27 @@ class VllmEngine:
             lin = ad.linears(layer)
             t = {role: getattr(m, "osp_input", None) for role, m in lin.items()}
             v_out = getattr(lin["v"], "osp_output", None)
-            parts.append({
-                "qkv": _same([t["q"], t["k"], t["v"]]), "o": t["o"], "gate_up": _same([t["gate"], t["up"]]),
-                "down": t["down"], "v_quant": v_out, "v_start": (dims.num_heads + dims.num_kv_heads) * dims.head_dim,
+            part = {
+                "qkv": _same([t["q"], t["k"], t["v"]]), "o": t["o"], "mlp": ad.vllm_mlp,
+                "v_quant": v_out, "v_start": (dims.num_heads + dims.num_kv_heads) * dims.head_dim,
                 "k": getattr(ad.attention(layer), "osp_k", None), "head_dim": dims.head_dim,
                 "out_norms": {n: getattr(getattr(layer, n), "osp_out_gain", None)
                               for n in (ad.attn_out_norm, ad.mlp_out_norm) if n},
-            })
+            }
+            experts = ad.expert_linears(layer)
+            if experts is None:
+                part |= {"gate_up": _same([t["gate"], t["up"]]), "down": t["down"]}
+            else:  # references, not copies: _set_experts stacks them one layer at a time
+                ex = experts.experts
+                part["moe"] = {
+                    "router": ad.routers(layer)[0], "act_fn": ex[0].act_fn,
+                    "gate_up": _same([t[f"{r}.{e}"] for r in ("gate", "up") for e in range(len(ex))],
+                                     "every expert's gate/up"),
+                    "down": _same([t[f"down.{e}"] for e in range(len(ex))], "every expert's down_proj"),
+                    "weights": [(m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight) for m in ex],
+                    "dtype": self.dtype,  # the engine's, as load_weights casts to
+                }
+            parts.append(part)
         sd = _state_dict(model)
         # The engine may hold another dtype/device than the HF model; load_weights copies into its params.
         self.llm.apply_model(lambda m: m.load_weights(iter(sd.items())))
