@@ -119,6 +119,11 @@ class DecoderAdapter:
     - `norm_offset`: Gemma's RMSNorm multiplies by (1 + w): the gain is w + offset.
     - `fused`: projections stored fused in the checkpoint, split into SplitLinear parts on load.
     - `attn_implementation`: the attention kernel the family needs (Gemma 2's logit soft-capping is eager-only).
+    - `gguf_arch`: llama.cpp's `general.architecture` for the family, where transformers' GGUF loader builds it
+      (None: it cannot). `gguf_keys`: (metadata key after "<arch>.", config attribute) pairs that loader drops;
+      `gguf_qscale_layers`: Gemma's query_pre_attn_scalar is not in the file, llama.cpp uses hidden/heads for
+      models of these layer counts (the 27Bs) and head_dim otherwise; `gguf_partial_rope`: the config can
+      express RoPE on part of the head (`rope.dimension_count` < head_dim). See osp_eval/gguf.py.
     """
 
     family: str
@@ -149,6 +154,10 @@ class DecoderAdapter:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    gguf_arch: str | None = None
+    gguf_keys: tuple[tuple[str, str], ...] = (("attention.key_length", "head_dim"),)
+    gguf_qscale_layers: tuple[int, ...] = ()
+    gguf_partial_rope: bool = False
     notes: str = ""
 
     # --- model-level parts
@@ -256,21 +265,26 @@ class DecoderAdapter:
 _GEMMA = dict(mlp_in_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
               mlp_out_norm="post_feedforward_layernorm", norm_offset=1.0)
 ADAPTERS = (
-    DecoderAdapter("llama", ("LlamaForCausalLM",), ("llama",), vllm=True,
+    DecoderAdapter("llama", ("LlamaForCausalLM",), ("llama",), vllm=True, gguf_arch="llama",
                    notes="Llama 2/3.x (rope scaling, GQA), SmolLM"),
-    DecoderAdapter("mistral", ("MistralForCausalLM",), ("mistral",), vllm=True),
-    DecoderAdapter("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), vllm=True, notes="q/k/v biases"),
-    DecoderAdapter("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), vllm=True,
+    DecoderAdapter("mistral", ("MistralForCausalLM",), ("mistral",), vllm=True, gguf_arch="llama"),
+    DecoderAdapter("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), vllm=True, gguf_arch="qwen2", notes="q/k/v biases"),
+    DecoderAdapter("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), vllm=True, gguf_arch="qwen3",
                    notes="per-head QK RMSNorm on q/k outputs: after R1 (input side), before RoPE and R3: unaffected"),
-    DecoderAdapter("phi3", ("Phi3ForCausalLM",), ("phi3",), vllm=True,
+    DecoderAdapter("phi3", ("Phi3ForCausalLM",), ("phi3",), vllm=True, gguf_arch="phi3", gguf_partial_rope=True,
+                   gguf_keys=(("attention.key_length", "head_dim"), ("attention.sliding_window", "sliding_window")),
                    fused=(("attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
                           ("mlp", "gate_up_proj", ("gate_proj", "up_proj"))),
                    q="qkv_proj.q_proj", k="qkv_proj.k_proj", v="qkv_proj.v_proj",
                    gate="gate_up_proj.gate_proj", up="gate_up_proj.up_proj",
                    notes="fused qkv_proj / gate_up_proj split into exact parts"),
     DecoderAdapter("gemma2", ("Gemma2ForCausalLM",), ("gemma2",), attn_implementation="eager", **_GEMMA,
+                   gguf_arch="gemma2", gguf_qscale_layers=(46,),
+                   gguf_keys=(("attention.key_length", "head_dim"), ("attn_logit_softcapping", "attn_logit_softcapping"),
+                              ("final_logit_softcapping", "final_logit_softcapping")),
                    notes="(1+w) RMSNorm, sandwich norms, embedding scale, attention and final soft-capping"),
     DecoderAdapter("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), vllm=True, **_GEMMA,
+                   gguf_arch="gemma3", gguf_qscale_layers=(62,),
                    notes="Gemma 2's layout plus per-head QK norm; sliding-window and global layers"),
     DecoderAdapter("olmo2", ("Olmo2ForCausalLM",), ("olmo2",), attn_in_norm=None, mlp_in_norm=None,
                    attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm",
@@ -281,7 +295,10 @@ ADAPTERS = (
                    vllm_mlp="block_sparse_moe",
                    notes="mixture of experts: top-k router (kept full precision), per-expert gate/up/down"),
     DecoderAdapter("qwen3_moe", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), experts="experts", vllm=True,
-                   intermediate_attr="moe_intermediate_size", notes="mixture of experts + per-head QK norm"),
+                   intermediate_attr="moe_intermediate_size",
+                   gguf_arch="qwen3moe", gguf_keys=(("attention.key_length", "head_dim"),
+                                                    ("expert_feed_forward_length", "moe_intermediate_size")),
+                   notes="mixture of experts + per-head QK norm"),
     DecoderAdapter("olmoe", ("OlmoeForCausalLM",), ("olmoe",), experts="experts", vllm=True,
                    notes="mixture of experts + whole-width QK norm"),
 )

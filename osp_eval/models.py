@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import adapter_for_config
+from .arch import ADAPTERS, adapter_for_config
 from .errors import OspEvalError
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -81,10 +81,25 @@ def _hub_error(name: str, err: Exception) -> OspEvalError:
 
 
 def load_config(name_or_path: str, gguf_file: str | None = None):
+    """The transformers config; for a GGUF file, with what transformers' GGUF loader drops put back
+    (gguf.config_fixes, recorded as `config.osp_gguf_fixes`), or a one-line error for files it cannot load."""
     from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    from . import gguf
 
     try:
-        return AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file)
+        meta = None
+        if gguf_file:  # a local folder or a hub repo's (cached) file
+            meta = gguf.read_meta(cached_file(name_or_path, gguf_file))
+            gguf.check_arch(meta, ADAPTERS)
+        config = AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file)
+        if meta is not None:
+            config.osp_gguf_fixes = gguf.config_fixes(meta, config, adapter_for_config(config))
+            gguf.apply_fixes(config, config.osp_gguf_fixes)
+        return config
+    except OspEvalError:
+        raise
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path, e) from e
     except Exception as e:  # a corrupt config.json or GGUF header
@@ -120,7 +135,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             # GGUF: dequantize to plain fp32 Linears (other dtypes keep packed GGUF kernels), cast below.
             name_or_path, gguf_file=gguf_file, dtype=torch.float32 if gguf_file else dtype,
-            attn_implementation=adapter.attn_implementation,
+            attn_implementation=adapter.attn_implementation, **({"config": config} if gguf_file else {}),
         )
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path, e) from e
@@ -132,10 +147,12 @@ def load_model(
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.config.__dict__.pop("osp_gguf_fixes", None)  # recorded in model.osp_source, not config.json
         if not getattr(model.config, "architectures", None):
             model.config.architectures = [type(model).__name__]
     model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     adapter.prepare(model)
-    model.osp_source = {"model": name_or_path, "gguf_file": gguf_file}
+    model.osp_source = {"model": name_or_path, "gguf_file": gguf_file,
+                        "gguf_config": getattr(config, "osp_gguf_fixes", None)}
     return model, load_tokenizer(name_or_path, gguf_file)

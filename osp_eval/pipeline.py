@@ -179,6 +179,8 @@ def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtyp
     info["quantize_seconds"] = time.perf_counter() - t0
     if getattr(model, "osp_gptq_stats", None):  # per-layer times; for MoE, tokens and weight error per expert
         info["gptq"] = model.osp_gptq_stats
+    if model.osp_source.get("gguf_file"):  # what osp-eval put back on transformers' GGUF config (gguf.py)
+        info["gguf_config"] = model.osp_source["gguf_config"]
     info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     model.osp_config = cfg
     if save_qmodel_path:
