@@ -76,7 +76,7 @@ def llama3_divisors(factor, low_freq_factor, high_freq_factor, original_max_posi
                     np.where(wavelen > original_max_position_embeddings / low_freq_factor, factor, blend))
 
 
-def _rope_scaling(meta: GgufMeta, head_dim: int, rope_dim: int, theta: float) -> dict | None:
+def _rope_scaling(meta: GgufMeta, rope_dim: int, theta: float) -> dict | None:
     """The rope_parameters entries that reproduce the file's RoPE scaling (None: unscaled)."""
     kind = meta.get("rope.scaling.type", "none")
     if meta.rope_freqs is not None:
@@ -132,7 +132,7 @@ def config_fixes(meta: GgufMeta, config, adapter) -> dict:
         new["partial_rotary_factor"] = rope_dim / head_dim
     elif "partial_rotary_factor" in new and new["partial_rotary_factor"] != 1.0:
         new["partial_rotary_factor"] = 1.0
-    new |= _rope_scaling(meta, head_dim, rope_dim, base.get("rope_theta", 10000.0)) or {}
+    new |= _rope_scaling(meta, rope_dim, base.get("rope_theta", 10000.0)) or {}
     if new != base:
         fixes["rope_parameters"] = {**rope, "full_attention": new} if per_layer_type else new
     return fixes
