@@ -20,9 +20,8 @@ import os
 
 import torch
 
+from .config import KERNELS
 from .errors import OspEvalError
-
-KERNELS = ("reference", "triton", "auto")
 
 try:
     import triton
@@ -55,6 +54,12 @@ def use_triton(kernels: str, x: torch.Tensor) -> bool:
             raise OspEvalError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1): use --kernels auto")
         return True
     return x.is_cuda and _auto_ok(x.device)  # auto
+
+
+def resolve_kernels(kernels: str, device) -> str:
+    """What `kernels` runs on `device`: "triton" or "reference" (recorded with results)."""
+    probe = torch.empty(0, device=device)
+    return "triton" if kernels != "reference" and use_triton(kernels, probe) else "reference"
 
 
 # --------------------------------------------------------------------------- the kernel
