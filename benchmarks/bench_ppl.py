@@ -3,6 +3,11 @@
   python benchmarks/bench_ppl.py --model random-osp-1.4b --methods fp,rtn,ffn_had   # GPU
   python benchmarks/bench_ppl.py --model smollm2 --data_dir ../shared/data --nwindows 4
   python benchmarks/bench_ppl.py --model tiny --nwindows 2                          # CPU smoke run
+  python benchmarks/bench_ppl.py --methods fp,rtn,ffn_had,quarot_rtn --kernels reference,triton   # both paths
+
+With several `--kernels`, each quantized model is evaluated by every path in turn (same process, same weights:
+osp_eval.apply.set_kernels switches the quantizers) and the row reports each path's tokens/s, the max abs
+difference of the last batch's logits and the PPL difference against the first path (the kernels promise 0).
 
 The random model evaluates random token windows (timing only; its PPL means nothing). The online Hadamard
 overhead is the eval time of `ffn_had` over `rtn` (both W4A4KV4).
@@ -22,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, osp_1p4b_config, random_model, save  # noqa: E402
 
 from osp_eval import preset, quantize_  # noqa: E402
+from osp_eval.apply import set_kernels  # noqa: E402
+from osp_eval.kernels import resolve_kernels  # noqa: E402
 from osp_eval.ppl import perplexity  # noqa: E402
 
 METHODS = {
@@ -32,6 +39,14 @@ METHODS = {
     "w16a4": dict(a_bits=4, k_bits=4, v_bits=4),
     "w16a4_had": dict(a_bits=4, k_bits=4, v_bits=4, rotate_down_proj=True),
 }
+
+
+@torch.no_grad()
+def last_logits(model, ids, seqlen, batch_size, device):
+    """Logits of the first batch of windows (float32, on the CPU): what the paths are compared on."""
+    n = min(batch_size, len(ids) // seqlen)
+    x = ids[: n * seqlen].view(n, seqlen).to(device)
+    return model(x).logits.float().cpu()
 
 
 def build(args, device, dtype):
@@ -51,7 +66,9 @@ def main():
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--data_dir", default=None)
     p.add_argument("--repeats", type=int, default=2, help="timed passes; the best is reported")
+    p.add_argument("--kernels", default="reference", help="comma list of reference|triton|auto, timed side by side")
     args = p.parse_args()
+    paths = [k.strip() for k in args.kernels.split(",") if k.strip()]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
@@ -64,31 +81,49 @@ def main():
             ids = tokenize_text(tok, wikitext2_text("test", args.data_dir))
         else:
             ids = torch.randint(0, vocab, (args.nwindows * args.seqlen,), generator=torch.Generator().manual_seed(0))
-        cfg = preset("osp", **METHODS[name])
+        cfg = preset("osp", **METHODS[name], kernels=paths[0])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         with Timer() as tq:
             quantize_(model, cfg, progress=False)
-        perplexity(model, ids, args.seqlen, args.batch_size, max_windows=args.batch_size, progress=False)  # warm-up
-        best = None
-        for _ in range(args.repeats):
-            r = perplexity(model, ids, args.seqlen, args.batch_size, max_windows=args.nwindows, progress=False)
-            best = r if best is None or r["eval_seconds"] < best["eval_seconds"] else best
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        row = {"method": name, "quantize_seconds": tq.seconds, "eval_seconds": best["eval_seconds"],
-               "tokens": best["tokens"], "tokens_per_second": best["tokens_per_second"], "ppl": best["ppl"],
-               "peak_gib": peak}
-        rows.append(row)
-        print(f"{name:12s} quantize {tq.seconds:7.2f}s  eval {best['eval_seconds']:7.2f}s  "
-              f"{best['tokens_per_second']:10.0f} tok/s  ppl {best['ppl']:.3f}  peak {peak} GiB", flush=True)
+        first_logits = first_ppl = None
+        for path in paths:
+            set_kernels(model, path)
+            perplexity(model, ids, args.seqlen, args.batch_size, max_windows=args.batch_size, progress=False)  # warm-up
+            best = None
+            for _ in range(args.repeats):
+                r = perplexity(model, ids, args.seqlen, args.batch_size, max_windows=args.nwindows, progress=False)
+                best = r if best is None or r["eval_seconds"] < best["eval_seconds"] else best
+            logits = last_logits(model, ids, args.seqlen, args.batch_size, device)
+            if first_logits is None:
+                first_logits, first_ppl = logits, best["ppl"]
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+            row = {"method": name, "kernels": path, "kernels_resolved": resolve_kernels(path, device),
+                   "quantize_seconds": tq.seconds, "eval_seconds": best["eval_seconds"], "tokens": best["tokens"],
+                   "tokens_per_second": best["tokens_per_second"], "ppl": best["ppl"], "peak_gib": peak,
+                   "max_abs_logit_diff_vs_first": (logits - first_logits).abs().max().item(),
+                   "ppl_diff_vs_first": best["ppl"] - first_ppl}
+            rows.append(row)
+            print(f"{name:12s} {path:9s} quantize {tq.seconds:7.2f}s  eval {best['eval_seconds']:7.2f}s  "
+                  f"{best['tokens_per_second']:10.0f} tok/s  ppl {best['ppl']:.4f}  "
+                  f"dlogit {row['max_abs_logit_diff_vs_first']:.3g}  dppl {row['ppl_diff_vs_first']:.3g}  "
+                  f"peak {peak} GiB", flush=True)
         del model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    by = {r["method"]: r for r in rows}
-    for a, b in (("rtn", "ffn_had"), ("w16a4", "w16a4_had")):
-        if a in by and b in by:
-            print(f"online Hadamard overhead ({b} vs {a}): {by[b]['eval_seconds'] / by[a]['eval_seconds'] - 1:+.1%}")
+    by = {(r["method"], r["kernels"]): r for r in rows}
+    for path in paths:
+        for a, b in (("rtn", "ffn_had"), ("w16a4", "w16a4_had")):
+            if (a, path) in by and (b, path) in by:
+                ra, rb = by[a, path], by[b, path]
+                print(f"online Hadamard overhead ({b} vs {a}, {path}): "
+                      f"{rb['eval_seconds'] / ra['eval_seconds'] - 1:+.1%}")
+    fp = next((r for r in rows if r["method"] == "fp"), None)
+    if fp:
+        for r in rows:
+            r["slowdown_vs_fp"] = fp["tokens_per_second"] / r["tokens_per_second"]
+        print("slowdown vs fp: " + ", ".join(f"{r['method']}/{r['kernels']} {r['slowdown_vs_fp']:.2f}x" for r in rows))
     slug = Path(args.model).name.removesuffix(".gguf").replace(".", "_")
-    save(f"bench_ppl_{slug}_{device}", {"args": vars(args), "rows": rows})
+    save(f"bench_ppl_{slug}_{device}", {"args": vars(args), "kernels": paths, "rows": rows})
 
 
 if __name__ == "__main__":

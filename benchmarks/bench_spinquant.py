@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from osp_eval.apply import set_kernels  # noqa: E402
 from osp_eval.config import preset  # noqa: E402
 from osp_eval.spinquant import prepare_training_model, train_rotations  # noqa: E402
 
@@ -36,7 +37,11 @@ def main():
     p.add_argument("--micro_batch_sizes", default="8,1")
     p.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up step)")
     p.add_argument("--no_checkpointing", action="store_true")
+    p.add_argument("--kernels", default="reference",
+                   help="comma list of reference|triton|auto: each setting is trained from the same start per path "
+                        "(training keeps the reference quantizers wherever a gradient flows: expect equal losses)")
     args = p.parse_args()
+    paths = [k.strip() for k in args.kernels.split(",") if k.strip()]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.model:
@@ -53,7 +58,13 @@ def main():
     ids = torch.randint(0, vocab, (args.batch_size * (args.steps + 1), args.seqlen),
                         generator=torch.Generator().manual_seed(0))
     rows = []
-    for mbs in (int(x) for x in args.micro_batch_sizes.split(",")):
+    start = [q.detach().clone() for q in rot.parameters()]
+    settings = [(int(x), path) for x in args.micro_batch_sizes.split(",") for path in paths]
+    for mbs, path in settings:
+        set_kernels(model, path)
+        with torch.no_grad():  # every setting trains from the same rotations: losses comparable across paths
+            for q, q0 in zip(rot.parameters(), start):
+                q.copy_(q0)
         kw = dict(batch_size=args.batch_size, micro_batch_size=mbs, checkpointing=not args.no_checkpointing,
                   progress=False)
         train_rotations(model, rot, ids[:args.batch_size], steps=1, **kw)  # warm-up
@@ -64,13 +75,16 @@ def main():
         losses = train_rotations(model, rot, ids[args.batch_size:], steps=args.steps, **kw)
         sync()
         sec = (time.perf_counter() - t0) / args.steps
-        row = {"micro_batch_size": mbs, "seconds_per_step": sec, "losses": losses,
+        same = next((r for r in rows if r["micro_batch_size"] == mbs), None)
+        row = {"micro_batch_size": mbs, "kernels": path, "seconds_per_step": sec, "losses": losses,
+               "max_abs_loss_diff_vs_first_path": (max(abs(a - b) for a, b in zip(losses, same["losses"]))
+                                                   if same else 0.0),
                "tokens_per_second": args.batch_size * args.seqlen / sec,
                "est_100_steps_seconds": 100 * sec}
         if device == "cuda":
             row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         rows.append(row)
-        print(f"{name}: micro-batch {mbs}: {sec:.3f} s/step ({row['tokens_per_second']:.0f} tok/s), "
+        print(f"{name}: micro-batch {mbs} {path}: {sec:.3f} s/step ({row['tokens_per_second']:.0f} tok/s), "
               f"100 steps ≈ {100 * sec:.0f} s" + (f", peak {row['peak_gpu_memory_gb']:.1f} GiB" if device == "cuda"
                                                   else ""))
     save(f"bench_spinquant_{name}_{device}", {"model": name, "dtype": str(dtype), "seqlen": args.seqlen,

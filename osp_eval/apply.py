@@ -48,11 +48,11 @@ def check_dims(dims: Dims, cfg: QuantConfig) -> Dims:
 
 
 def _act_specs(cfg: QuantConfig, dims: Dims) -> dict[str, ActSpec]:
-    base = ActSpec(cfg.a_bits, not cfg.a_asym, cfg.a_clip_ratio, cfg.a_groupsize)
+    base = ActSpec(cfg.a_bits, not cfg.a_asym, cfg.a_clip_ratio, cfg.a_groupsize, kernels=cfg.kernels)
     specs = {role: base for role in ("q", "k", "v", "gate", "up", "down")}
     if cfg.o_proj_input == "per_head":
         # The reference quantizes the o_proj input per token and head, in every mode.
-        specs["o"] = ActSpec(cfg.a_bits, not cfg.a_asym, cfg.a_clip_ratio, dims.head_dim)
+        specs["o"] = ActSpec(cfg.a_bits, not cfg.a_asym, cfg.a_clip_ratio, dims.head_dim, kernels=cfg.kernels)
     else:
         specs["o"] = base
     return specs
@@ -84,9 +84,10 @@ def install_kv_quant(model: nn.Module, cfg: QuantConfig) -> None:
         attn = ad.attention(layer)
         if cfg.k_bits < 16:
             # Per token and head, with 0 kept in range: the reference's K goes through its per-token path.
-            attn.osp_k = KSpec(ActSpec(cfg.k_bits, not cfg.k_asym, cfg.k_clip_ratio, dims.head_dim, True))
+            attn.osp_k = KSpec(ActSpec(cfg.k_bits, not cfg.k_asym, cfg.k_clip_ratio, dims.head_dim, True,
+                                       kernels=cfg.kernels))
         if cfg.v_bits < 16:
-            v_spec = ActSpec(cfg.v_bits, not cfg.v_asym, cfg.v_clip_ratio, dims.head_dim)
+            v_spec = ActSpec(cfg.v_bits, not cfg.v_asym, cfg.v_clip_ratio, dims.head_dim, kernels=cfg.kernels)
             install_output_quant(ad.linears(layer)["v"], v_spec)
     if cfg.k_bits < 16:
         current = model.config._attn_implementation
@@ -104,12 +105,32 @@ def rtn_quantize_weights(model: nn.Module, cfg: QuantConfig, progress: bool = Tr
             )
 
 
+def set_kernels(model: nn.Module, kernels: str) -> None:
+    """Switch every installed activation/K/V quantizer to `kernels` (osp_eval.kernels; the values do not change)."""
+    import dataclasses
+
+    from .kernels import check_kernels
+
+    check_kernels(kernels)
+    for m in model.modules():
+        for holder, name in ((getattr(m, "osp_input", None), "act"), (getattr(m, "osp_output", None), "act")):
+            if holder is not None:
+                setattr(holder, name, dataclasses.replace(getattr(holder, name), kernels=kernels))
+        if getattr(m, "osp_k", None) is not None:
+            m.osp_k = dataclasses.replace(m.osp_k, act=dataclasses.replace(m.osp_k.act, kernels=kernels))
+    if hasattr(model, "osp_config"):
+        model.osp_config = model.osp_config.replace(kernels=kernels)
+
+
 def quantize_(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, progress: bool = True):
     """Apply `cfg` to `model` in place: rotations, weights (RTN or GPTQ), activations, KV cache.
 
     `calib_ids` ([nsamples, seqlen] token ids) is needed for GPTQ only.
     """
     cfg.validate()
+    from .kernels import check_kernels
+
+    check_kernels(cfg.kernels)
     get_adapter(model).prepare(model)
     check_compatible(model, cfg)
     online = {}

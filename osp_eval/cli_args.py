@@ -65,6 +65,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rotate_down_proj", action="store_true", help="online Hadamard on the down_proj input (R4)")
     g.add_argument("--optimized_rotation_path", default=None, help="SpinQuant R.bin (needs --rotate)")
     g.add_argument("--o_proj_input", choices=("per_head", "hadamard"), default=None)
+    g.add_argument("--kernels", choices=("reference", "triton", "auto"), default=None,
+                   help="activation quantizers: PyTorch ops, the fused Triton kernel (bit-identical), or auto "
+                        "(Triton on CUDA once it matched the reference there; default)")
     c = p.add_argument_group("GPTQ calibration")
     c.add_argument("--percdamp", type=float, default=None)
     c.add_argument("--nsamples", type=positive_int, default=None)
@@ -82,7 +85,7 @@ def config_from_args(args: argparse.Namespace, default_method: str = "gptq") -> 
     for name in ("w_bits", "a_bits", "w_groupsize", "a_groupsize", "k_groupsize", "w_asym", "a_asym", "k_asym",
                  "v_asym", "w_clip", "act_order", "static_groups", "fp32_had", "center_embeddings", "a_clip_ratio",
                  "k_clip_ratio", "v_clip_ratio", "optimized_rotation_path", "o_proj_input", "percdamp", "nsamples",
-                 "calib_data", "calib_seqlen", "seed"):
+                 "calib_data", "calib_seqlen", "seed", "kernels"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .errors import OspEvalError
 
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+KERNELS = ("reference", "triton", "auto")  # osp_eval.kernels
 
 
 @dataclass
@@ -57,6 +58,10 @@ class QuantConfig:
     optimized_rotation_path: str | None = None
     rotation_seed: int = 0
     extra: dict = field(default_factory=dict)
+    # How the activation quantizers run: "reference" (PyTorch ops), "triton" (osp_eval.kernels: one fused
+    # kernel, bit-identical), "auto" (triton on CUDA once it matched the reference there, else reference).
+    # A speed path: recorded with results, never part of the identity.
+    kernels: str = "auto"
 
     def replace(self, **kw) -> "QuantConfig":
         return dataclasses.replace(self, **kw)
@@ -67,9 +72,9 @@ class QuantConfig:
     def identity(self) -> dict:
         """The fields that change what this recipe computes (the cache identity of its results): a group's
         fields only when the group is active, so an RTN cell is not recomputed when a GPTQ-only flag changes.
-        The preset name is a label; a learned rotation file enters identities by its sha256, not its path."""
+        The preset name and the kernels (a speed path, same numbers) are labels; a learned rotation file enters identities by its sha256, not its path."""
         d = self.to_dict()
-        drop = {"preset", "optimized_rotation_path"}
+        drop = {"preset", "optimized_rotation_path", "kernels"}
         if not d["extra"]:
             drop.add("extra")
         if self.w_bits == 16:
@@ -96,6 +101,8 @@ class QuantConfig:
             b = getattr(self, name)
             if b not in VALID_BITS:
                 raise OspEvalError(f"--{name} {b} is not supported: choose one of 2..8, or 16 for no quantization")
+        if self.kernels not in KERNELS:
+            raise OspEvalError(f"--kernels {self.kernels!r}: choose one of {', '.join(KERNELS)}")
         if self.w_method not in ("rtn", "gptq"):
             raise OspEvalError(f"unknown weight method {self.w_method!r}: use 'rtn' or 'gptq'")
         if self.rotate and self.rotate_down_proj:

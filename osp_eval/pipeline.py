@@ -256,6 +256,7 @@ def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="au
         "method": method_name(cfg),
         "bits": f"{cfg.w_bits}-{cfg.a_bits}-{cfg.k_bits}",
         "config": cfg.to_dict(),
+        "kernels": _resolve_kernels(cfg.kernels, next(model.parameters()).device),
         "identity": identity,
         **info,
         **res,
@@ -265,6 +266,12 @@ def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="au
     }
     record["result_path"] = str(ppl_result_path(output_dir, model_name, cfg, identity, gguf_file))
     return record
+
+
+def _resolve_kernels(kernels: str, device) -> str:
+    from .kernels import resolve_kernels
+
+    return resolve_kernels(kernels, device)
 
 
 def save_ppl(record: dict) -> Path:

@@ -20,8 +20,14 @@ class ActSpec:
     groupsize: int = -1
     zero_in_range: bool | None = None
     ste: bool = False  # straight-through gradients (rotation training)
+    kernels: str = "reference"  # "reference" | "triton" | "auto" (osp_eval.kernels; same values)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels != "reference" and self.bits < 16:
+            from .kernels import fake_quant_act as dispatch
+
+            return dispatch(x, self.bits, self.sym, self.clip_ratio, self.groupsize, self.zero_in_range, self.ste,
+                            self.kernels)
         return fake_quant_act(x, self.bits, self.sym, self.clip_ratio, self.groupsize, self.zero_in_range, self.ste)
 
 

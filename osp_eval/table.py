@@ -143,7 +143,7 @@ def run_table(args) -> dict:
 
     models, bits_list = args.models, args.bits or ["4-4-4"]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    overrides = {k: getattr(args, k) for k in ("calib_data", "nsamples", "calib_seqlen")
+    overrides = {k: getattr(args, k) for k in ("calib_data", "nsamples", "calib_seqlen", "kernels")
                  if getattr(args, k, None) is not None}
     plan, data = preflight_grid(args, models, bits_list, methods, overrides)
     cells = list(plan)
@@ -379,6 +379,8 @@ def add_cli(sub) -> None:
     p.add_argument("--nsamples", type=positive_int, default=None, help="GPTQ calibration windows (default 128)")
     p.add_argument("--calib_seqlen", type=positive_int, default=None, help="GPTQ calibration window length (default 2048)")
     p.add_argument("--seqlen", type=positive_int, default=2048, help="WikiText-2 window length")
+    p.add_argument("--kernels", choices=("reference", "triton", "auto"), default=None,
+                   help="activation quantizers: reference, triton (bit-identical fused kernel) or auto (default)")
     p.add_argument("--batch_size", type=positive_int, default=4, help="PPL windows per forward")
     p.add_argument("--max_windows", type=positive_int, default=None, help="only the first N windows (partial numbers)")
     p.add_argument("--tasks", default=None,

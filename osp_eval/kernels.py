@@ -1,0 +1,232 @@
+"""Triton kernels for the dynamic activation quantizers (`--kernels triton|auto|reference`).
+
+`fake_quant_act` here computes exactly what `quant.fake_quant_act` computes, bit for bit, in one pass over
+the input (fp32 in registers only) instead of ~12 PyTorch kernels with fp32 temporaries. The reference's
+op order is replicated:
+- scale = range / maxq: PyTorch on CUDA divides by a Python scalar as a multiplication by its fp32
+  reciprocal (ATen's div_true_kernel_cuda), on the CPU it divides; the kernel does what the reference
+  does on the input's device (the interpreter runs on CPU tensors);
+- x / scale is an IEEE division (div_rn, not Triton's default approximate fp32 division);
+- torch.round is round-half-to-even: (|y| + 2^23) - 2^23 in fp32 (libdevice is not in Triton's interpreter);
+- fp32 -> bf16 rounds half to even on the bits (as .to(torch.bfloat16));
+- no fp contraction (enable_fp_fusion=False): `hi*c - lo*c` must not become an fma.
+
+The online Hadamard stays `hadamard.hadamard_transform` (its factor matmuls fix the summation order);
+only the quantizer that follows it runs here.
+"""
+
+import functools
+import os
+
+import torch
+
+from .config import KERNELS
+from .errors import OspEvalError
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # CPU-only installs
+    triton = tl = None
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise OspEvalError(f"--kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
+    if kernels == "triton" and triton is None:
+        raise OspEvalError("--kernels triton: triton does not import here; use --kernels reference (or auto)")
+
+
+def use_triton(kernels: str, x: torch.Tensor) -> bool:
+    """Whether `kernels` sends this tensor to the Triton kernel (else the reference runs)."""
+    if kernels == "reference" or triton is None or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if kernels == "triton":
+        if not (x.is_cuda or _interpret()):
+            raise OspEvalError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1): use --kernels auto")
+        return True
+    return x.is_cuda and _auto_ok(x.device)  # auto
+
+
+def resolve_kernels(kernels: str, device) -> str:
+    """What `kernels` runs on `device`: "triton" or "reference" (recorded with results)."""
+    probe = torch.empty(0, device=device)
+    return "triton" if kernels != "reference" and use_triton(kernels, probe) else "reference"
+
+
+# --------------------------------------------------------------------------- the kernel
+
+if tl is not None:
+
+    @triton.jit
+    def _rint(y):
+        # Round half to even: for |y| < 2^23, |y| + 2^23 lies where the fp32 spacing is 1.
+        a = tl.abs(y)
+        r = tl.where(a < 8388608.0, (a + 8388608.0) - 8388608.0, a)
+        return tl.where(y < 0, -r, r)
+
+    @triton.jit
+    def _over(v, maxq, inv_maxq, RECIP: tl.constexpr):
+        if RECIP:
+            return v * inv_maxq
+        return tl.math.div_rn(v, maxq)
+
+    @triton.jit
+    def _fake_quant_rows(x_ptr, y_ptr, M, G, clip, maxq, inv_maxq,
+                         SYM: tl.constexpr, ZERO_IN_RANGE: tl.constexpr, CLIP: tl.constexpr,
+                         RECIP: tl.constexpr, BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+        """x viewed as [M, G]: each row is one token (or one group of a token) with its own scale/zero."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_G)
+        mask = (rows[:, None] < M) & (cols[None, :] < G)
+        offs = rows[:, None].to(tl.int64) * G + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        lo = tl.min(tl.where(mask, x, float("inf")), axis=1)
+        hi = tl.max(tl.where(mask, x, float("-inf")), axis=1)
+        if ZERO_IN_RANGE:
+            lo = tl.minimum(lo, 0.0)
+            hi = tl.maximum(hi, 0.0)
+        if CLIP:
+            lo = lo * clip
+            hi = hi * clip
+        if SYM:
+            amax = tl.maximum(tl.abs(lo), hi)
+            scale = _over(amax, maxq, inv_maxq, RECIP)
+            scale = tl.where(amax == 0, 1.0, scale)[:, None]
+            q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, scale)), -(maxq + 1.0)), maxq)
+            y = q * scale
+        else:
+            if ZERO_IN_RANGE:  # an all-zero row gets the range [-1, 1]
+                both_zero = (lo == 0) & (hi == 0)
+                lo = tl.where(both_zero, -1.0, lo)
+                hi = tl.where(both_zero, 1.0, hi)
+                scale = _over(hi - lo, maxq, inv_maxq, RECIP)
+            else:
+                scale = _over(tl.maximum(hi - lo, 1e-5), maxq, inv_maxq, RECIP)
+            zero = _rint(tl.math.div_rn(-lo, scale))[:, None]
+            scale = scale[:, None]
+            q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, scale)) + zero, 0.0), maxq)
+            y = (q - zero) * scale
+        if BF16:
+            y = _to_bf16(y)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _to_bf16(y):
+        # fp32 -> bf16 round-half-to-even on the bits (finite values): what .to(torch.bfloat16) does. Spelled
+        # out because Triton's interpreter truncates in its own conversion.
+        b = y.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+def _launch_shape(g: int) -> tuple[int, int, int]:
+    block_g = triton.next_power_of_2(g)
+    block_m = max(1, min(64, 4096 // block_g))
+    warps = 4 if block_m * block_g <= 4096 else (8 if block_g <= 8192 else 16)
+    return block_m, block_g, warps
+
+
+def fake_quant_act_triton(x: torch.Tensor, bits: int, sym: bool = False, clip_ratio: float = 1.0,
+                          groupsize: int = -1, zero_in_range: bool | None = None) -> torch.Tensor:
+    """quant.fake_quant_act (same arguments, same result bits) as one Triton kernel; no autograd."""
+    if bits >= 16:
+        return x
+    if zero_in_range is None:
+        zero_in_range = groupsize <= 0
+    n = x.shape[-1]
+    g = groupsize if groupsize > 0 else n
+    if n % g:
+        raise ValueError(f"activation groupsize {groupsize} does not divide dimension {n}")
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    m = xc.numel() // g
+    if m == 0:
+        return y
+    maxq = float(2 ** (bits - 1) - 1 if sym else 2**bits - 1)
+    block_m, block_g, warps = _launch_shape(g)
+    _fake_quant_rows[(triton.cdiv(m, block_m),)](
+        xc, y, m, g, float(clip_ratio), maxq, 1.0 / maxq,
+        SYM=bool(sym), ZERO_IN_RANGE=bool(zero_in_range), CLIP=clip_ratio != 1.0, RECIP=xc.is_cuda, BF16=xc.dtype == torch.bfloat16,
+        BLOCK_M=block_m, BLOCK_G=block_g, num_warps=warps, enable_fp_fusion=False,
+    )
+    return y
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Kernel forward, straight-through backward (d out / d x = 1: the scale gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, bits, sym, clip_ratio, groupsize, zero_in_range):
+        return fake_quant_act_triton(x, bits, sym, clip_ratio, groupsize, zero_in_range)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None, None
+
+
+def fake_quant_act_ste(x: torch.Tensor, bits: int, sym: bool = False, clip_ratio: float = 1.0,
+                       groupsize: int = -1, zero_in_range: bool | None = None) -> torch.Tensor:
+    """Differentiable kernel quantizer with a pure straight-through gradient. Not what `ste=True` of the
+    reference computes (its rounding is straight-through, but the gradient also flows through the scale and
+    zero point, i.e. the token's min/max), so the runtime keeps the reference wherever a gradient is needed."""
+    return _FakeQuantSTE.apply(x, bits, sym, clip_ratio, groupsize, zero_in_range)
+
+
+def fake_quant_act(x: torch.Tensor, bits: int, sym: bool = False, clip_ratio: float = 1.0, groupsize: int = -1,
+                   zero_in_range: bool | None = None, ste: bool = False, kernels: str = "reference"):
+    """quant.fake_quant_act through the kernel `kernels` picks for x; identical values either way. A pass that
+    needs gradients (rotation training) keeps the reference, whose gradient the kernel does not reproduce."""
+    from .quant import fake_quant_act as reference
+
+    if bits < 16 and use_triton(kernels, x) and not (torch.is_grad_enabled() and x.requires_grad):
+        return fake_quant_act_triton(x, bits, sym, clip_ratio, groupsize, zero_in_range)
+    return reference(x, bits, sym, clip_ratio, groupsize, zero_in_range, ste)
+
+
+# --------------------------------------------------------------------------- auto: check once per device
+
+_AUTO_CASES = (  # (sym, clip, groupsize, zero_in_range): the runtime's act, per-head o_proj, K and V quantizers
+    (False, 1.0, -1, None), (True, 0.9, -1, None), (False, 1.0, 64, None), (False, 0.95, 64, True),
+    (True, 0.95, 64, None),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_ok(device: torch.device) -> bool:
+    """`auto` uses the kernel on a device only after it matched the reference bit for bit there (a few
+    random tensors with outliers, all-zero rows and ties); otherwise it warns once and keeps the reference."""
+    import warnings
+
+    from .quant import fake_quant_act as reference
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=gen) * torch.logspace(-3, 2, 256)
+    x[3] = 0
+    x[5, :8] = 400.0
+    x[7] = torch.arange(256) / 2 - 64  # ties
+    try:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            xd = x.to(device=device, dtype=dtype)
+            for bits in (4, 8):
+                for sym, clip, g, zir in _AUTO_CASES:
+                    a = fake_quant_act_triton(xd, bits, sym, clip, g, zir)
+                    b = reference(xd, bits, sym, clip, g, zir)
+                    if not torch.equal(a, b):
+                        warnings.warn(f"osp_eval.kernels: the Triton quantizer differs from the reference on "
+                                      f"{device} ({dtype}, {bits} bits, sym={sym}, clip={clip}, group={g}); "
+                                      "--kernels auto uses the reference")
+                        return False
+    except Exception as e:  # a broken Triton install: stay on the reference
+        warnings.warn(f"osp_eval.kernels: the Triton quantizer failed on {device} ({type(e).__name__}: {e}); "
+                      "--kernels auto uses the reference")
+        return False
+    return True

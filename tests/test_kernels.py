@@ -1,0 +1,175 @@
+"""The Triton activation quantizer (osp_eval.kernels) against the reference quant.fake_quant_act, bit for bit.
+
+On CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set before the kernels are decorated);
+on a CUDA machine the same tests also run the compiled kernel against the reference on the GPU.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+import osp_eval.kernels as K  # noqa: E402
+
+K = importlib.reload(K)  # decorate the kernels under the interpreter even if imported earlier
+from osp_eval.quant import fake_quant_act  # noqa: E402
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _inputs(shape, seed=0):
+    """Random rows over 5 decades, plus the cases that break a quantizer: a massive outlier, an all-zero row,
+    an all-positive and an all-negative row, a constant row, and exact ties (x / scale = k + 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 2, n)[torch.randperm(n, generator=g)]
+    flat = x.view(-1, n)
+    flat[1] = 0
+    flat[2, n // 3] = 3e4  # outlier
+    flat[3] = flat[3].abs()
+    flat[4] = -flat[4].abs()
+    flat[5] = 0.75
+    ties = torch.tensor([7.0, 2.5, -3.5, 0.5, 1.5, -0.5, -8.0, 14.0, -1.0, 6.5])  # 4-bit sym scale 1 / asym 1.4
+    flat[6, : len(ties)] = ties
+    flat[6, len(ties):] = 0.5
+    return x
+
+
+def _bits_equal(a, b):
+    return torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b))
+
+
+CASES = [  # groupsize, zero_in_range: per token (0 in range), per group, K (per head, 0 in range), V-like own range
+    (-1, None), (64, None), (64, True), (32, False),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_matches_reference_bit_for_bit(device, dtype):
+    bad = []
+    for shape in ((9, 256), (2, 7, 192), (8, 344)):  # 344 = 2·172: a non-power-of-two width (masked lanes)
+        x = _inputs(shape).to(device=device, dtype=dtype)
+        for bits in (2, 4, 8):
+            for sym in (False, True):
+                for clip in (1.0, 0.9, 0.37):
+                    for g, zir in CASES:
+                        if shape[-1] % max(g, 1):
+                            continue
+                        ref = fake_quant_act(x, bits, sym, clip, g, zir)
+                        out = K.fake_quant_act_triton(x, bits, sym, clip, g, zir)
+                        assert out.dtype == dtype and out.shape == x.shape
+                        if not _bits_equal(out, ref):
+                            bad.append((shape, bits, sym, clip, g, zir, (out.float() - ref.float()).abs().max().item()))
+    assert not bad, f"{len(bad)} cases differ, e.g. {bad[:3]}"
+
+
+def test_integer_codes_and_grid():
+    """Independent of the reference: a sym 4-bit row with amax 7 has scale 1, so the codes are round-half-even
+    of x, clamped to [-8, 7]; an all-zero row stays zero."""
+    x = torch.tensor([[7.0, 2.5, -3.5, 0.5, 1.5, -0.5, -6.0, 3.49]] * 2)
+    x[1] = 0
+    out = K.fake_quant_act_triton(x, 4, sym=True)
+    assert out[0].tolist() == [7.0, 2.0, -4.0, 0.0, 2.0, -0.0, -6.0, 3.0]
+    assert out[1].abs().sum() == 0
+    asym = K.fake_quant_act_triton(torch.tensor([[-1.0, 14.0, 2.5, 3.5]]), 4, sym=False)  # scale 1, zero 1
+    assert asym[0].tolist() == [-1.0, 14.0, 2.0, 4.0]
+
+
+def test_straight_through_gradient():
+    x = _inputs((8, 128)).requires_grad_(True)
+    y = K.fake_quant_act_ste(x, 4, False, 0.9, 64)
+    assert _bits_equal(y.detach(), fake_quant_act(x.detach(), 4, False, 0.9, 64))
+    g = torch.randn_like(x)
+    y.backward(g)
+    assert torch.equal(x.grad, g)
+
+
+def test_runtime_dispatch_keeps_reference_where_gradients_flow():
+    from osp_eval.runtime import ActSpec
+
+    x = _inputs((8, 128), seed=3)
+    tri, ref = ActSpec(4, False, 1.0, -1, kernels="triton"), ActSpec(4, False, 1.0, -1)
+    with torch.no_grad():
+        assert _bits_equal(tri(x), ref(x))
+    # Training (ste=True, grad needed): the reference's gradient also flows through the scale, so it is kept.
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ActSpec(4, False, 1.0, -1, ste=True, kernels="triton")(xa).pow(2).sum().backward()
+    ActSpec(4, False, 1.0, -1, ste=True)(xb).pow(2).sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
+
+
+def test_auto_is_reference_on_cpu_and_bad_values_rejected():
+    from osp_eval import preset
+    from osp_eval.errors import OspEvalError
+
+    assert K.resolve_kernels("auto", "cpu") == "reference"
+    assert K.resolve_kernels("reference", "cpu") == "reference"
+    cfg = preset("osp", w_bits=4, a_bits=4, k_bits=4, v_bits=4)
+    assert cfg.identity() == cfg.replace(kernels="triton").identity() == cfg.replace(kernels="reference").identity()
+    assert "kernels" in cfg.to_dict()
+    with pytest.raises(OspEvalError, match="kernels"):
+        cfg.replace(kernels="cuda").validate()
+
+
+def test_quantized_model_logits_identical():
+    """A tiny Llama at W4A4KV4 with the down_proj Hadamard (non-power-of-two 172 = 172·1) and K/V quant:
+    --kernels triton and reference give the same logits, bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from osp_eval import preset, quantize_
+    from osp_eval.apply import set_kernels
+
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=172, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    q = preset("osp", w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn", rotate_down_proj=True,
+               kernels="reference")
+    quantize_(model, q, progress=False)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        set_kernels(model, "triton")
+        assert model.osp_config.kernels == "triton"
+        tri = model(ids).logits
+    assert torch.equal(ref, tri)
+
+
+_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from osp_eval.kernels import _fake_quant_rows
+sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "G": "i32", "clip": "fp32", "maxq": "fp32", "inv_maxq": "fp32",
+       **{k: "constexpr" for k in ("SYM", "ZERO_IN_RANGE", "CLIP", "RECIP", "BF16", "BLOCK_M", "BLOCK_G")}}
+for sym in (False, True):
+    consts = {"SYM": sym, "ZERO_IN_RANGE": True, "CLIP": True, "RECIP": True, "BF16": True, "BLOCK_M": 2,
+              "BLOCK_G": 2048}
+    try:
+        k = triton.compile(ASTSource(fn=_fake_quant_rows, signature=sig, constexprs=consts),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
+    except Exception as e:
+        print("SKIP", type(e).__name__, str(e)[:200]); raise SystemExit
+    ptx = k.asm["ptx"]
+    print("div.rn.f32" in ptx, "fma" in ptx)
+"""
+
+
+def test_compiles_for_hopper_without_fma_and_with_ieee_division():
+    """The PTX for sm_90 (built without a GPU, in a process without the interpreter): no fused multiply-add
+    (it would change `hi*c - lo*c`), IEEE division (Triton's default fp32 division is approximate)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(f"cannot compile for sm_90 here: {out.stdout}")
+    assert out.stdout.split() == ["True", "False", "True", "False"]
