@@ -4,6 +4,7 @@
   python benchmarks/bench_gptq.py --rotate_down_proj       # + the online down_proj Hadamard (R4)
   python benchmarks/bench_gptq.py --model PATH             # a real model (still random calibration ids)
   python benchmarks/bench_gptq.py --tiny                   # CPU smoke run
+  python benchmarks/bench_gptq.py --kernels reference,triton   # both column loops, same process, same weights?
 
 Calibration windows are random token ids: this measures time only. Goes through `quantize_` exactly as a
 run does (activation quant off during calibration, the online Hadamard active). Writes a JSON record to
@@ -68,6 +69,8 @@ def main():
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--load_device", default=None, help="where the model lives (cpu: layer-by-layer offload)")
     p.add_argument("--tag", default=None, help="suffix of the results file name")
+    p.add_argument("--kernels", default="reference",
+                   help="comma-separated GPTQ column-loop paths to time in turn (reference, triton, auto)")
     args = p.parse_args()
 
     if args.rotate_down_proj and importlib.util.find_spec("osp_eval.hadamard") is None:
@@ -78,37 +81,48 @@ def main():
     nsamples = args.nsamples or (8 if args.tiny else 128)
     seqlen = args.seqlen or (128 if args.tiny else 2048)
 
-    t0 = time.perf_counter()
-    model = build_model(args, device, dtype)
-    build_seconds = time.perf_counter() - t0
-    ids = torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
-    extra = {"gptq_batch_size": args.batch_size} if args.batch_size else {}
-    cfg = QuantConfig(w_bits=4, w_method="gptq", rotate_down_proj=args.rotate_down_proj, nsamples=nsamples,
-                      calib_seqlen=seqlen, w_groupsize=args.w_groupsize, act_order=args.act_order,
-                      static_groups=args.act_order and args.w_groupsize > 0, w_clip=not args.no_clip, extra=extra)
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    sync()
-    t0 = time.perf_counter()
-    quantize_(model, cfg, ids, progress=True)
-    sync()
-    seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    stats = getattr(model, "osp_gptq_stats", {})
-    layer_s = stats.get("layer_seconds", [])
-
     name = "tiny" if args.tiny else (Path(args.model).name if args.model else "random-osp-1.4b")
-    print(f"GPTQ W4 {name}: {nsamples}x{seqlen} tokens, {len(layer_s)} layers, rotate_down_proj="
-          f"{args.rotate_down_proj}: {seconds:.1f} s (build {build_seconds:.1f} s), per layer "
-          f"{sum(layer_s) / max(1, len(layer_s)):.2f} s, batch {stats.get('batch_size')}, offload "
-          f"{stats.get('offload')}, peak GPU memory {peak if peak is None else f'{peak:.2f} GiB'}")
-
+    runs, first = [], None
+    for kernels in args.kernels.split(","):
+        t0 = time.perf_counter()
+        model = build_model(args, device, dtype)  # the same weights for every path (seeded)
+        build_seconds = time.perf_counter() - t0
+        ids = torch.randint(0, model.config.vocab_size, (nsamples, seqlen),
+                            generator=torch.Generator().manual_seed(0))
+        extra = {"gptq_batch_size": args.batch_size} if args.batch_size else {}
+        cfg = QuantConfig(w_bits=4, w_method="gptq", rotate_down_proj=args.rotate_down_proj, nsamples=nsamples,
+                          calib_seqlen=seqlen, w_groupsize=args.w_groupsize, act_order=args.act_order,
+                          static_groups=args.act_order and args.w_groupsize > 0, w_clip=not args.no_clip,
+                          extra=extra, kernels=kernels)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        quantize_(model, cfg, ids, progress=True)
+        sync()
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        stats = getattr(model, "osp_gptq_stats", {})
+        layer_s = stats.get("layer_seconds", [])
+        weights = {k: v for k, v in model.state_dict().items() if k.endswith("proj.weight")}
+        if first is None:
+            first, same, maxdiff = weights, None, None
+        else:
+            same = all(torch.equal(weights[k], first[k]) for k in first)
+            maxdiff = max((weights[k].float() - first[k].float()).abs().max().item() for k in first)
+        print(f"GPTQ W4 {name} kernels={kernels}: {nsamples}x{seqlen} tokens, {len(layer_s)} layers, "
+              f"rotate_down_proj={args.rotate_down_proj}: {seconds:.1f} s (build {build_seconds:.1f} s), per layer "
+              f"{sum(layer_s) / max(1, len(layer_s)):.2f} s, batch {stats.get('batch_size')}, offload "
+              f"{stats.get('offload')}, peak GPU memory {peak if peak is None else f'{peak:.2f} GiB'}"
+              + ("" if same is None else f", weights identical to the first path: {same} (max |diff| {maxdiff:g})"))
+        runs.append({"kernels": kernels, "config": cfg.to_dict(), "seconds": seconds, "build_seconds": build_seconds,
+                     "peak_gpu_gib": peak, "gptq_stats": stats, "identical_to_first": same,
+                     "max_abs_diff_to_first": maxdiff})
+        del model, weights
     record = {
         "benchmark": "gptq", "model": name, "nsamples": nsamples, "seqlen": seqlen, "dtype": str(dtype),
-        "device_used": device, "load_device": args.load_device or device, "config": cfg.to_dict(),
-        "seconds": seconds, "build_seconds": build_seconds, "peak_gpu_gib": peak, "gptq_stats": stats,
-        "command": " ".join(sys.argv), "versions": versions(), "device": device_info(),
+        "device_used": device, "load_device": args.load_device or device, "runs": runs,
+        "seconds": runs[0]["seconds"], "command": " ".join(sys.argv), "versions": versions(), "device": device_info(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     RESULTS.mkdir(exist_ok=True)

@@ -47,6 +47,23 @@ def _check_args(cols: int, groupsize: int, act_order: bool, static_groups: bool)
                          "on the original contiguous columns before the columns are reordered)")
 
 
+def _block_kernel(kernels: str, device: torch.device, fma: bool | None) -> bool | None:
+    """The fma flag of the Triton block loop to use, or None for the reference loop."""
+    if kernels == "reference":
+        return None
+    from . import kernels as K
+
+    K.check_kernels(kernels)
+    if kernels == "auto":
+        return K.gptq_variant(device) if device.type == "cuda" and K.triton_available() else None
+    if not (device.type == "cuda" or K._interpret()):
+        raise OspEvalError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1): use --kernels auto")
+    if fma is not None:
+        return fma
+    v = K.gptq_variant(device) if device.type == "cuda" else False
+    return False if v is None else v
+
+
 def _inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ (the reference: cholesky, cholesky_inverse, cholesky upper)."""
     L, info = torch.linalg.cholesky_ex(H)
@@ -70,6 +87,8 @@ def gptq_quantize_weight(
     blocksize: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    kernels: str = "reference",
+    fma: bool | None = None,
 ) -> torch.Tensor:
     """GPTQ-quantize W [out, in] given its input Hessian H [in, in]; returns the fake-quantized weight (W's dtype).
 
@@ -77,6 +96,10 @@ def gptq_quantize_weight(
     are fitted when the loop reaches their first column, on the weights updated so far; static groups
     are all fitted on the original weight first. Rows are independent, so Linears that share an input
     can be stacked along rows and quantized in one call.
+
+    `kernels` "triton"/"auto" run each block's column loop (per-row scales) as one Triton launch instead of
+    ~10 launches per column, with the same arithmetic (`fma`: how the update rounds; auto uses the kernel only
+    where it reproduced this loop bit for bit, see kernels.gptq_variant).
     """
     if bits >= 16:
         return W
@@ -119,11 +142,16 @@ def gptq_quantize_weight(
     elif static_groups:
         group_of = [c // groupsize for c in (perm.tolist() if perm is not None else range(cols))]
 
+    fast = _block_kernel(kernels, Wt.device, fma) if groupsize <= 0 else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, V1 = Wt[i1:i2], V[i1:i2, i1:i2]
         E1 = torch.empty_like(W1)  # w - q per column (V carries the 1/U_ii)
-        for i in range(i2 - i1):
+        if fast is not None:
+            from .kernels import gptq_block_triton
+
+            gptq_block_triton(W1, V1, E1, s, z, bits, sym, fast)
+        for i in range(0 if fast is None else i2 - i1, i2 - i1):
             if groupsize > 0:
                 if static_groups:
                     g = group_of[i1 + i]
@@ -336,7 +364,7 @@ def _quantize_group(layer: nn.Module, index: int, linears: dict[str, nn.Linear],
         weights = [linears[r].weight for r in roles]
         W = torch.cat(weights) if len(weights) > 1 else weights[0]
         Q = gptq_quantize_weight(W, H, cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip, cfg.percdamp,
-                                 act_order=cfg.act_order, static_groups=cfg.static_groups)
+                                 act_order=cfg.act_order, static_groups=cfg.static_groups, kernels=cfg.kernels)
         del H
         if not torch.isfinite(Q).all():
             raise OspEvalError(f"GPTQ produced non-finite weights for {'/'.join(roles)}: raise --percdamp")

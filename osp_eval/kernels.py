@@ -230,3 +230,88 @@ def _auto_ok(device: torch.device) -> bool:
                       "--kernels auto uses the reference")
         return False
     return True
+
+
+# --------------------------------------------------------------------------- GPTQ: one 128-column block per launch
+
+if tl is not None:
+
+    @triton.jit
+    def _gptq_block(w_ptr, e_ptr, v_ptr, s_ptr, z_ptr, n, nb, ldw, ldv, sv, maxq,
+                    SYM: tl.constexpr, FMA: tl.constexpr, B: tl.constexpr, TILE: tl.constexpr):
+        """The column loop of one GPTQ block for TILE weight rows, in registers. Layout as in
+        gptq.gptq_quantize_weight: w [nb, n] is the block of the transposed weight (one weight column per row),
+        v [nb, nb] the block of U/diag(U), e [nb, n] receives w - q per column. Per column i: q = grid(w_i),
+        e_i = w_i - q, later columns w_j -= v_ij * e_i (the reference's addr_), w_i = q."""
+        cols = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        rows = tl.arange(0, B)
+        cm = cols < n
+        m = (rows[:, None] < nb) & cm[None, :]
+        offs = rows[:, None].to(tl.int64) * ldw + cols[None, :]
+        w = tl.load(w_ptr + offs, mask=m, other=0.0)
+        s = tl.load(s_ptr + cols, mask=cm, other=1.0)
+        z = tl.load(z_ptr + cols, mask=cm, other=0.0)
+        for i in range(nb):
+            here = rows[:, None] == i
+            wi = tl.sum(tl.where(here, w, 0.0), axis=0)  # column i (adds exact zeros)
+            if SYM:
+                q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(wi, s)), -(maxq + 1.0)), maxq) * s
+            else:
+                q = (tl.minimum(tl.maximum(_rint(tl.math.div_rn(wi, s)) + z, 0.0), maxq) - z) * s
+            e = wi - q
+            tl.store(e_ptr + i * ldw + cols, e, mask=cm)
+            v = tl.load(v_ptr + i * ldv + rows * sv, mask=(rows > i) & (rows < nb), other=0.0)
+            if FMA:
+                upd = tl.fma(-v[:, None], e[None, :], w)
+            else:
+                upd = w - v[:, None] * e[None, :]
+            w = tl.where(rows[:, None] > i, upd, w)
+            w = tl.where(here, q[None, :], w)
+        tl.store(w_ptr + offs, w, mask=m)
+
+
+GPTQ_TILE = 32
+
+
+def gptq_block_triton(W1: torch.Tensor, V1: torch.Tensor, E1: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                      bits: int, sym: bool, fma: bool = False) -> None:
+    """In place: the per-column loop of gptq.gptq_quantize_weight over one block (W1 [nb, n] fp32, contiguous
+    rows; V1 [nb, nb], any strides; per-row scale s and zero z [n]), one launch."""
+    nb, n = W1.shape
+    maxq = float(2 ** (bits - 1) - 1 if sym else 2**bits - 1)
+    B = max(16, triton.next_power_of_2(nb))
+    _gptq_block[(triton.cdiv(n, GPTQ_TILE),)](
+        W1, E1, V1, s, z, n, nb, W1.stride(0), V1.stride(0), V1.stride(1), maxq,
+        SYM=bool(sym), FMA=bool(fma), B=B, TILE=GPTQ_TILE, num_warps=4, enable_fp_fusion=False,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def gptq_variant(device: torch.device) -> bool | None:
+    """Which update the GPTQ kernel needs to equal the reference loop bit for bit on `device`: False (a product
+    then a subtraction), True (one fma, as a contracted addr_ computes), or None (neither: keep the reference).
+    Checked once per device on a random problem."""
+    import warnings
+
+    from .gptq import gptq_quantize_weight
+
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(96, 256, generator=gen) * torch.logspace(-1, 1, 256)
+    X = torch.randn(512, 256, generator=gen)
+    H = (X.t() @ X).to(device)
+    W = W.to(device)
+    try:
+        ok = [False, True]
+        for sym in (True, False):
+            want = gptq_quantize_weight(W, H, 4, sym=sym, clip_search=True)
+            ok = [v for v in ok if torch.equal(
+                gptq_quantize_weight(W, H, 4, sym=sym, clip_search=True, kernels="triton", fma=v), want)]
+        if ok:
+            return ok[0]
+        warnings.warn(f"osp_eval.kernels: the Triton GPTQ block differs from the reference on {device}; "
+                      "--kernels auto keeps the reference GPTQ loop")
+        return None
+    except Exception as e:
+        warnings.warn(f"osp_eval.kernels: the Triton GPTQ block failed on {device} ({type(e).__name__}: {e}); "
+                      "--kernels auto keeps the reference GPTQ loop")
+        return None
