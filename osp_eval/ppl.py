@@ -68,8 +68,17 @@ def streamed_window_nlls(model, windows: torch.Tensor, batch_size: int = 4, prog
     layers = get_adapter(model).layers(model)
     store = storage(device, windows.numel() * model.config.hidden_size * next(model.parameters()).element_size())
     bar = tqdm(total=len(layers), desc="PPL (streamed)", disable=not progress, leave=False)
-    hs, _ = run_layers(model, layers, windows, batch_size, device, store, each=lambda i, h: bar.update(i >= 0))
+    stamps = []
+
+    def each(i, h):  # per-layer times (one sync per layer: the next layer's copy is already queued)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps.append(time.perf_counter())
+        bar.update(i >= 0)
+
+    hs, _ = run_layers(model, layers, windows, batch_size, device, store, each)
     bar.close()
+    model.osp_stream_stats = {"store": str(store), "layer_seconds": [b - a for a, b in zip(stamps, stamps[1:])]}
     out = []
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size].to(device)
