@@ -90,7 +90,7 @@ def walk(layers, device, fn, write_back: bool = False):
     nxt = fetch(layers[0]) if len(layers) else None
     for i, layer in enumerate(layers):
         (home, before), nxt = nxt, None
-        if stream is not None:
+        if stream is not None and home != device:
             current = torch.cuda.current_stream(device)
             current.wait_stream(stream)
             for t in layer.parameters():  # freed after use: not before this stream's kernels are done with it
