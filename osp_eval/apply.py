@@ -97,12 +97,22 @@ def install_kv_quant(model: nn.Module, cfg: QuantConfig) -> None:
 
 @torch.no_grad()
 def rtn_quantize_weights(model: nn.Module, cfg: QuantConfig, progress: bool = True) -> None:
+    """Round-to-nearest weights, layer by layer on the model's compute device (a layer-streamed model's layers
+    visit it one at a time)."""
+    from .offload import compute_device, walk
+
     ad = get_adapter(model)
-    for layer in tqdm(ad.layers(model), desc="RTN", disable=not progress, leave=False):
+
+    def one(i, layer):
         for linear in ad.linears(layer).values():
             linear.weight.data = fake_quant_weight(
                 linear.weight.data, cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip
             )
+
+    layers = ad.layers(model)
+    for _ in tqdm(walk(layers, compute_device(model), one, write_back=True), total=len(layers), desc="RTN",
+                  disable=not progress, leave=False):
+        pass
 
 
 def set_kernels(model: nn.Module, kernels: str) -> None:

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from .cli_args import Parser, add_model_args, add_quant_args, config_from_args, positive_int
+from .cli_args import Parser, add_model_args, add_offload_arg, add_quant_args, config_from_args, positive_int
 from .errors import OspEvalError
 
 
@@ -19,16 +19,17 @@ def _ppl(args) -> int:
                      data_dir=args.data_dir, seqlen=args.seqlen, batch_size=args.batch_size,
                      max_windows=args.max_windows, output_dir=args.output_dir, progress=not args.no_progress,
                      save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path,
-                     backend=args.backend)
+                     backend=args.backend, offload=args.offload)
     part = "" if r["all_windows"] else f" (first {r['nwindows']} of {r['windows_available']} windows)"
     if not r["data"]["is_reference_split"]:
         part += (f" (NOT the reference WikiText-2 test split: {r['data']['rows']} rows, sha256 "
                  f"{r['data']['sha256'][:12]}…)")
     value = f"{r['ppl']:.4f}" if r["ppl_finite"] else f"{r['ppl_value']} (NOT FINITE)"
     # The number is printed before anything is written: a failing disk never loses it.
+    streamed = ", layer-streamed" if r["offload"]["streamed"] else ""
     print(f"{r['method']} W{cfg.w_bits}A{cfg.a_bits}KV{cfg.k_bits} {r['model']}: wikitext2 ppl = {value}"
-          f"{part} [{r['tokens']} tokens, {r['eval_seconds']:.1f}s eval, {r['quantize_seconds']:.1f}s quantize]",
-          flush=True)
+          f"{part} [{r['tokens']} tokens, {r['eval_seconds']:.1f}s eval, {r['quantize_seconds']:.1f}s quantize"
+          f"{streamed}]", flush=True)
     save_ppl(r)
     print(f"result: {r['result_path']}")
     if not r["ppl_finite"]:
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate only the first N windows (smoke tests)")
     pp.add_argument("--backend", choices=("hf", "vllm"), default="hf",
                     help="score windows with Transformers (hf) or a vLLM engine (vllm; quantization is the same)")
+    add_offload_arg(pp)
     pp.set_defaults(func=_ppl)
     from . import kurtosis, lighteval_run, outliers, spinquant, table
 

@@ -4,6 +4,7 @@ one place where flags become a QuantConfig."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import PRESETS, QuantConfig, preset
@@ -39,6 +40,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_dir", default=None, help="local data folder laid out like ../shared/data ($OSP_EVAL_DATA)")
     p.add_argument("--output_dir", default="results", help="where result JSON files go")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def add_offload_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", choices=("auto", "on", "off"), default=os.environ.get("OSP_EVAL_OFFLOAD", "auto"),
+                   help="stream the decoder layers from CPU memory through the GPU one at a time: auto (when the "
+                        "weights do not fit the GPU), on, off; changes no number (default $OSP_EVAL_OFFLOAD or auto)")
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:

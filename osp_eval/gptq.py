@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 from .arch import base_role, get_adapter
 from .config import QuantConfig
 from .errors import OspEvalError
+from .offload import StopForward as _StopForward
+from .offload import capture_inputs, compute_device, is_streamed, run_layer, walk
 from .quant import fake_quant_weight, quantize_dequant, weight_qparams
 
 log = logging.getLogger(__name__)
@@ -176,10 +178,6 @@ def gptq_quantize_weight(
 # --------------------------------------------------------------------------- Hessians of a layer's Linears
 
 
-class _StopForward(Exception):
-    """Raised from a hook to end a forward early: everything needed has been seen."""
-
-
 def _new_hessian(n: int, device) -> torch.Tensor:
     return torch.zeros(n, n, dtype=torch.float32, device=device)
 
@@ -258,95 +256,6 @@ class HessianHooks:
 # --------------------------------------------------------------------------- the model walk
 
 
-def _to(obj, device):
-    """Move the tensors inside nested tuples/lists/dicts."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _capture_inputs(model: nn.Module, layers, calib_ids: torch.Tensor, bs: int, device):
-    """Hidden states entering the first decoder layer [nsamples, seqlen, hidden] (on `device`), and the other
-    arguments of every layer's call, per batch: families with sliding-window and global layers (Gemma, Qwen3,
-    Mistral) give each layer type its own mask and position embeddings. Layers are skipped while capturing
-    (their arguments do not depend on the hidden states); tensors shared by layers are stored once."""
-    inps, calls, pending = None, [], {}
-
-    def hook(i, module, args, kwargs):
-        nonlocal inps
-        kwargs = dict(kwargs)
-        x = args[0] if args else kwargs.pop("hidden_states")
-        kwargs.pop("hidden_states", None)
-        if i == 0:
-            if inps is None:
-                inps = torch.empty((len(calib_ids), *x.shape[1:]), dtype=x.dtype, device=device)
-            start = sum(c[0] for c in calls)
-            inps[start : start + len(x)] = x
-            pending.clear()
-            pending.update(n=len(x), args=_to(tuple(args[1:]), device), per_layer=[], moved={})
-        moved = pending["moved"]  # id(original tensor) -> its copy on `device`: one copy per shared tensor
-
-        def move(obj):
-            if isinstance(obj, torch.Tensor):
-                if id(obj) not in moved:
-                    moved[id(obj)] = (obj, obj.to(device))
-                return moved[id(obj)][1]
-            if isinstance(obj, (tuple, list)):
-                return type(obj)(move(o) for o in obj)
-            if isinstance(obj, dict):
-                return {k: move(v) for k, v in obj.items()}
-            return obj
-
-        pending["per_layer"].append(move(kwargs))
-        if i == len(layers) - 1:
-            calls.append((pending["n"], pending["args"], pending["per_layer"]))
-            raise _StopForward
-        return None
-
-    def skip(*args, **kwargs):  # a layer while capturing: the hidden states pass through unchanged
-        return args[0] if args else kwargs["hidden_states"]
-
-    embed_device = get_adapter(model).embed(model).weight.device
-    handles = [layer.register_forward_pre_hook(partial(hook, i), with_kwargs=True)
-               for i, layer in enumerate(layers)]
-    for layer in layers:
-        layer.forward = skip
-    try:
-        for i in range(0, len(calib_ids), bs):
-            try:
-                model(input_ids=calib_ids[i : i + bs].to(embed_device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-        for layer in layers:
-            del layer.forward  # back to the class's forward
-    return inps, calls
-
-
-def _run_layer(layer: nn.Module, index: int, inps: torch.Tensor, calls, out: torch.Tensor | None = None,
-               hooks=None) -> None:
-    """Run layer `index` on all windows, batch by batch, as the model calls it; write the outputs to `out`."""
-    start = 0
-    for n, args, per_layer in calls:
-        if hooks is not None:
-            hooks.start_forward()
-        try:
-            y = layer(inps[start : start + n], *args, **per_layer[index])
-            if out is not None:
-                out[start : start + n] = y[0] if isinstance(y, (tuple, list)) else y
-        except _StopForward:
-            pass
-        start += n
-    if hooks is not None:
-        hooks.start_forward()  # drop the references to the last batch's inputs
-
-
 def _quantize_group(layer: nn.Module, index: int, linears: dict[str, nn.Linear], inps, calls,
                     cfg: QuantConfig) -> dict[str, dict]:
     """GPTQ one group of a layer's Linears. Returns per role: the relative weight change ||Q - W|| / ||W||, the
@@ -355,7 +264,7 @@ def _quantize_group(layer: nn.Module, index: int, linears: dict[str, nn.Linear],
     included, is the fallback)."""
     hooks = HessianHooks(linears, stop_early=not any("." in r for r in linears))
     try:
-        _run_layer(layer, index, inps, calls, hooks=hooks)
+        run_layer(layer, index, inps, calls, hooks=hooks)
     finally:
         hooks.remove()
     report = {}
@@ -403,31 +312,31 @@ def gptq_quantize_model(
 ) -> dict:
     """GPTQ all decoder-layer Linears of `model` in place, layer by layer (lm_head and embeddings stay).
 
-    A model on the GPU stays there. A model on the CPU with a GPU present is processed one layer at a time
-    on the GPU (the activations stay on the GPU). Windows go through the layers in batches of
-    `batch_size` (default `cfg.extra["gptq_batch_size"]`, else 8 on GPU, 4 on CPU); the Hessians do
-    not depend on it. Returns timing stats (also left on `model.osp_gptq_stats`).
+    A model on the GPU stays there. A layer-streamed model (offload.stream_model) and a model on the CPU with a
+    GPU present are processed one layer at a time on the GPU (offload.walk; the activations stay on the GPU).
+    Windows go through the layers in batches of `batch_size` (default `cfg.extra["gptq_batch_size"]`, else 8 on
+    GPU, 4 on CPU); the Hessians do not depend on it. Returns timing stats (also left on `model.osp_gptq_stats`).
     """
     if cfg.w_bits >= 16:
         return {}
     _validate(model, cfg, calib_ids)
     ad = get_adapter(model)
     layers = ad.layers(model)
-    home = next(layers[0].parameters()).device
-    offload = home.type == "cpu" and torch.cuda.is_available()
-    device = torch.device("cuda") if offload else home
+    device = compute_device(model)
+    offload = is_streamed(model) or (device.type == "cpu" and torch.cuda.is_available())
+    if offload and device.type == "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda")
     bs = batch_size or cfg.extra.get("gptq_batch_size") or (8 if device.type == "cuda" else 4)
 
     t_start = time.perf_counter()
-    inps, calls = _capture_inputs(model, layers, calib_ids, bs, device)
+    inps, calls = capture_inputs(model, layers, calib_ids, bs, device)
     outs = torch.empty_like(inps)
     reports: list[dict] = [{} for _ in layers]
     layer_seconds = []
-    bar = tqdm(layers, desc="GPTQ", disable=not progress, leave=False)
-    for index, layer in enumerate(bar):
+
+    def one(index, layer):
+        nonlocal inps, outs
         t0 = time.perf_counter()
-        if offload:
-            layer.to(device)
         linears = ad.linears(layer)
         tokens = ad.expert_tokens(layer)
         if tokens is not None:
@@ -435,14 +344,17 @@ def gptq_quantize_model(
         for group in ad.sequential_groups:
             members = {r: m for g in group for r, m in linears.items() if base_role(r) == g}  # the group's order
             reports[index] |= _quantize_group(layer, index, members, inps, calls, cfg)
-        _run_layer(layer, index, inps, calls, out=outs)  # the quantized layer feeds the next one
-        if offload:
-            layer.to(home)
+        run_layer(layer, index, inps, calls, out=outs)  # the quantized layer feeds the next one
         inps, outs = outs, inps
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         layer_seconds.append(time.perf_counter() - t0)
-        bar.set_postfix(layer_s=f"{layer_seconds[-1]:.1f}")
+        return layer_seconds[-1]
+
+    bar = tqdm(walk(layers, device, one, write_back=True), total=len(layers), desc="GPTQ", disable=not progress,
+               leave=False)
+    for seconds in bar:
+        bar.set_postfix(layer_s=f"{seconds:.1f}")
     del inps, outs, calls
     stats = {
         "seconds": time.perf_counter() - t_start,

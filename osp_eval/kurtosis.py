@@ -79,6 +79,37 @@ def row_kurtosis(model, row: torch.Tensor, mode: str = "reference") -> torch.Ten
     return torch.stack([excess_kurtosis(h.float()).mean() for h in hs]).cpu()
 
 
+@torch.no_grad()
+def streamed_row_kurtosis(model, rows: torch.Tensor, mode: str = "reference", progress: bool = True) -> torch.Tensor:
+    """`row_kurtosis` of every row, layer-major (offload.walk): [nrows, L+1], the same numbers (each row's
+    hidden states are the same tensors, reduced the same way)."""
+    from .arch import get_adapter
+    from .offload import compute_device, head, run_layers, storage
+
+    base = getattr(model, "base_model", model)
+    layers = get_adapter(model).layers(model)
+    device = compute_device(model)
+    nrows, seqlen = rows.shape
+    ids = rows.reshape(-1, 1) if mode == "reference" else rows  # one row = `bs` rows of ids
+    bs = seqlen if mode == "reference" else 1
+    per_row = torch.empty(nrows, len(layers) + 1)
+    bar = tqdm(total=len(layers), desc=f"kurtosis ({mode}, streamed)", disable=not progress, leave=False)
+
+    def each(i, h):  # the embedding output (i = -1), then layer outputs 1..L-1 (the last one is normed first)
+        if i < len(layers) - 1:
+            for r in range(nrows):
+                per_row[r, i + 1] = excess_kurtosis(h[r * bs : (r + 1) * bs].to(device).float()).mean().cpu()
+        bar.update(i >= 0)
+
+    nbytes = rows.numel() * model.config.hidden_size * next(model.parameters()).element_size()
+    hs, _ = run_layers(base, layers, ids, bs, device, storage(device, nbytes), each)
+    bar.close()
+    for r in range(nrows):
+        out = head(base, layers, ids[r * bs : (r + 1) * bs], hs[r * bs : (r + 1) * bs], output_hidden_states=True)
+        per_row[r, -1] = excess_kurtosis(out.hidden_states[-1].float()).mean().cpu()
+    return per_row
+
+
 def kurtosis(model, rows: torch.Tensor, mode: str = "reference", progress: bool = True) -> dict:
     """Kurtosis of `model` on [nrows, seqlen] token ids: the overall mean and the per-hidden-state means."""
     if mode not in MODES:
@@ -88,8 +119,13 @@ def kurtosis(model, rows: torch.Tensor, mode: str = "reference", progress: bool 
 
         check_seqlen(model.config, rows.shape[1])
     t0 = time.perf_counter()
-    bar = tqdm(rows, desc=f"kurtosis ({mode})", disable=not progress, leave=False)
-    per_row = torch.stack([row_kurtosis(model, r, mode) for r in bar])  # [nrows, L+1]
+    from .offload import is_streamed
+
+    if is_streamed(model):
+        per_row = streamed_row_kurtosis(model, rows, mode, progress)
+    else:
+        bar = tqdm(rows, desc=f"kurtosis ({mode})", disable=not progress, leave=False)
+        per_row = torch.stack([row_kurtosis(model, r, mode) for r in bar])  # [nrows, L+1]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     per_state = per_row.mean(0)
@@ -111,12 +147,14 @@ def state_names(n: int) -> list[str]:
 
 
 def run_kurtosis(model_name: str, cfg, *, modes=("reference",), gguf_file=None, dtype="auto", device=None,
-                 data_dir=None, nrows=128, seqlen=2048, ndocs=1000, output_dir="results", progress=True) -> dict:
+                 data_dir=None, nrows=128, seqlen=2048, ndocs=1000, output_dir="results", progress=True,
+                 offload="auto") -> dict:
     """Load (and optionally quantize) a model, measure its kurtosis in each mode, write and return the record."""
     from .pipeline import load_and_quantize, method_name, model_slug, preflight
-    from .provenance import now, text_sha256
+    from .provenance import now, peak_memory, reset_peak_memory, text_sha256
     from .results import cell_key, save_result
 
+    reset_peak_memory()
     for m in modes:
         if m not in MODES:
             raise OspEvalError(f"unknown kurtosis mode {m!r}: use one of {', '.join(MODES)}")
@@ -130,7 +168,7 @@ def run_kurtosis(model_name: str, cfg, *, modes=("reference",), gguf_file=None, 
                        output_dir=output_dir)
     started = now()
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
-                                         data_dir=data_dir, progress=progress, inputs=inputs)
+                                         data_dir=data_dir, progress=progress, inputs=inputs, offload=offload)
     t0 = time.perf_counter()
     rows = token_rows(tok, text, nrows, seqlen)
     info["tokenize_seconds"] = time.perf_counter() - t0
@@ -151,6 +189,7 @@ def run_kurtosis(model_name: str, cfg, *, modes=("reference",), gguf_file=None, 
         "ndocs": ndocs,
         "state_names": state_names(next(iter(results.values()))["hidden_states"]),
         "results": results,
+        "peak_memory": peak_memory(),
     }
     key = cell_key(**inputs.identity("kurtosis", cfg), data=text_sha256(text), modes=list(modes), nrows=nrows,
                    seqlen=seqlen, ndocs=ndocs, dtype=info["dtype"])
@@ -177,7 +216,7 @@ def _cli(args) -> None:
     modes = MODES if args.mode == "both" else (args.mode,)
     r = run_kurtosis(args.model, cfg, modes=modes, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
                      data_dir=args.data_dir, nrows=args.nrows, seqlen=args.seqlen, ndocs=args.ndocs,
-                     output_dir=args.output_dir, progress=not args.no_progress)
+                     output_dir=args.output_dir, progress=not args.no_progress, offload=args.offload)
     print(format_table(r))
     for m, res in r["results"].items():
         print(f"{r['method']} {r['model']}: kurtosis ({m}) = {res['kurtosis']:.4f} "
@@ -187,7 +226,7 @@ def _cli(args) -> None:
 
 def add_cli(subparsers) -> None:
     """Register `osp-eval kurtosis`."""
-    from .cli_args import add_model_args, add_quant_args, positive_int
+    from .cli_args import add_model_args, add_offload_arg, add_quant_args, positive_int
 
     p = subparsers.add_parser("kurtosis", help="excess kurtosis of the hidden states on C4 (the OSP protocol)")
     add_model_args(p)
@@ -196,5 +235,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--nrows", type=positive_int, default=128)
     p.add_argument("--seqlen", type=positive_int, default=2048)
     p.add_argument("--ndocs", type=positive_int, default=1000, help="C4 documents to tokenise")
+    add_offload_arg(p)
     add_quant_args(p)
     p.set_defaults(func=_cli)

@@ -378,11 +378,12 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     (osp_eval.vllm_backend); log-likelihoods run where loglik_backend says (default VLLM_LOGLIK_BACKEND,
     the faster one measured; see benchmarks/RESULTS.md)."""
     from .pipeline import load_and_quantize, method_name, model_slug
-    from .provenance import now
+    from .provenance import now, peak_memory, reset_peak_memory
     from .results import save_result
 
     t_start = time.perf_counter()
     started = now()
+    reset_peak_memory()
     wanted = parse_tasks(tasks)  # fail fast on bad input, before the model loads
     plan = lighteval_plan(model_name, cfg, wanted, gguf_file=gguf_file, dtype=dtype, device=device,
                           data_dir=data_dir, max_samples=max_samples, batch_size=batch_size, max_length=max_length,
@@ -410,7 +411,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
 
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                          data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
-                                         load_qmodel_path=load_qmodel_path, inputs=plan["inputs"])
+                                         load_qmodel_path=load_qmodel_path, inputs=plan["inputs"],
+                                         offload="off")  # lighteval runs whole-model forwards: no streaming
     method = method_name(cfg)
     slug = model_slug(model_name, gguf_file)
     stem, out = plan["stem"], plan["out"]
@@ -484,6 +486,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         "lighteval_output": str(out / stem),
         "model_fingerprint": plan["inputs"].fingerprint,
         "identity": plan["identity"],
+        "peak_memory": peak_memory(),
     }
     try:
         record["result_path"] = str(save_result(record, out, stem, started=started))

@@ -149,19 +149,44 @@ def _load_qmodel_state(path: str, cfg: QuantConfig, model_digest: str | None = N
     return blob["state_dict"], blob.get("info", {})
 
 
+def offload_plan(inputs: Inputs, dtype="auto", offload: str = "auto") -> dict:
+    """Whether to stream the layers (offload.decide on the weights' size in the target dtype); the record's
+    "offload" field. A model too big for the GPU and the host is a one-line error here, before loading."""
+    from .models import resolve_dtype
+    from .offload import GiB, MODES, decide, model_bytes
+
+    if offload not in MODES:
+        raise OspEvalError(f"--offload {offload!r}: choose auto, on or off")
+    if offload == "off" or (offload == "auto" and not str(inputs.device).startswith("cuda")):
+        return {"mode": offload, "streamed": False}
+    nbytes = model_bytes(inputs.config, resolve_dtype(dtype, inputs.device))
+    return {"mode": offload, "streamed": decide(offload, nbytes, inputs.device), "weights_gib": round(nbytes / GiB, 3)}
+
+
 def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", device=None,
                       data_dir=None, progress=True, save_qmodel_path=None, load_qmodel_path=None,
-                      inputs: Inputs | None = None):
+                      inputs: Inputs | None = None, offload: str = "auto"):
     """Load a model and apply `cfg` in place. Returns (model, tokenizer, info for the results file).
 
     With `load_qmodel_path`, the weights come from an earlier run's `save_qmodel_path` (no GPTQ again); the
     rotations' online parts and the activation/KV quantizers are installed as usual. `inputs`: an earlier
-    `preflight` of the same arguments (else it runs here).
+    `preflight` of the same arguments (else it runs here). `offload` auto|on|off: stream the decoder layers
+    through the device from the CPU (offload.py); auto does so when the weights do not fit the GPU.
     """
+    from .models import resolve_dtype
+
     inputs = inputs or preflight(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                  data_dir=data_dir, load_qmodel_path=load_qmodel_path)
-    model, tok = load_model(model_name, gguf_file, dtype, inputs.device)
-    info = {"calibration": None}
+    plan = offload_plan(inputs, dtype, offload)
+    if plan["streamed"]:  # the weights load on the CPU, in the dtype they would have on the device
+        from .arch import get_adapter
+        from .offload import stream_model
+
+        model, tok = load_model(model_name, gguf_file, resolve_dtype(dtype, inputs.device), "cpu")
+        stream_model(model, get_adapter(model).layers(model), inputs.device)
+    else:
+        model, tok = load_model(model_name, gguf_file, dtype, inputs.device)
+    info = {"calibration": None, "offload": plan}
     t0 = time.perf_counter()
     if inputs.qmodel is not None:
         sd, info = inputs.qmodel
@@ -213,15 +238,17 @@ def ppl_result_path(output_dir, model_name: str, cfg: QuantConfig, identity: dic
 def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", device=None, data_dir=None,
                  seqlen=2048, batch_size=4, max_windows=None, output_dir="results", progress=True,
                  save_qmodel_path=None, load_qmodel_path=None, backend="hf", inputs: Inputs | None = None,
-                 data: tuple[str, dict] | None = None) -> dict:
+                 data: tuple[str, dict] | None = None, offload: str = "auto") -> dict:
     """WikiText-2 test perplexity of `model_name` quantized by `cfg`: the result record, not yet saved
     (`save_ppl` writes it to record["result_path"]). Everything is checked before any compute.
 
     backend "vllm" quantizes with Transformers as usual, then scores the windows in a vLLM engine.
+    `offload` (auto|on|off, see load_and_quantize) is recorded but is not part of the identity: it changes no number.
     """
-    from .provenance import now
+    from .provenance import now, peak_memory, reset_peak_memory
 
     started = now()
+    reset_peak_memory()
     if backend not in ("hf", "vllm"):
         raise OspEvalError(f"--backend {backend!r}: choose hf or vllm")
     check_positive(seqlen=seqlen, batch_size=batch_size, max_windows=max_windows)
@@ -233,8 +260,10 @@ def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="au
                             backend=backend)
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                          data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
-                                         load_qmodel_path=load_qmodel_path, inputs=inputs)
+                                         load_qmodel_path=load_qmodel_path, inputs=inputs, offload=offload)
     ids = tokenize_text(tok, text)
+    if backend == "vllm" and info["offload"]["streamed"]:
+        raise OspEvalError("--backend vllm needs the whole model on the GPU: use --offload off or --backend hf")
     if backend == "vllm":
         from .vllm_backend import VllmEngine, perplexity_vllm
 
@@ -263,6 +292,7 @@ def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="au
         "batch_size": batch_size,
         "backend": backend,
         "started": started,
+        "peak_memory": peak_memory(),
     }
     record["result_path"] = str(ppl_result_path(output_dir, model_name, cfg, identity, gguf_file))
     return record

@@ -33,19 +33,56 @@ def check_seqlen(config, seqlen: int) -> None:
         )
 
 
+def _window_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy per window, fp32 on the CPU. Per-token losses stay in the logits' dtype
+    (bf16 in the reference), then average in fp32."""
+    logits = logits[:, :-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+    return loss.view(len(batch), -1).float().mean(1).cpu()
+
+
 @torch.no_grad()
 def window_nlls(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
     """Mean next-token cross-entropy of each window (fp32 tensor [nwindows])."""
+    from .offload import is_streamed
+
+    if is_streamed(model):
+        return streamed_window_nlls(model, windows, batch_size, progress)
     device = next(model.parameters()).device
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc="PPL", disable=not progress, leave=False):
         batch = windows[i : i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-        # Per-token losses stay in the logits' dtype (bf16 in the reference), then average in fp32.
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
-        loss = loss.view(len(batch), -1)
-        out.append(loss.float().mean(1).cpu())
-        del logits, loss
+        out.append(_window_loss(model(input_ids=batch, use_cache=False).logits, batch))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def streamed_window_nlls(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
+    """`window_nlls` layer-major (offload.walk): every window enters layer i before any enters layer i+1, in the
+    same batches as the normal path, so each layer call and the final head see the same inputs: the same NLLs.
+    The hidden states of all windows stay on the device when two copies fit beside a margin, else on the CPU."""
+    from .arch import get_adapter
+    from .offload import compute_device, head, run_layers, storage
+
+    device = compute_device(model)
+    layers = get_adapter(model).layers(model)
+    store = storage(device, windows.numel() * model.config.hidden_size * next(model.parameters()).element_size())
+    bar = tqdm(total=len(layers), desc="PPL (streamed)", disable=not progress, leave=False)
+    stamps = []
+
+    def each(i, h):  # per-layer times (one sync per layer: the next layer's copy is already queued)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps.append(time.perf_counter())
+        bar.update(i >= 0)
+
+    hs, _ = run_layers(model, layers, windows, batch_size, device, store, each)
+    bar.close()
+    model.osp_stream_stats = {"store": str(store), "layer_seconds": [b - a for a, b in zip(stamps, stamps[1:])]}
+    out = []
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size].to(device)
+        out.append(_window_loss(head(model, layers, batch, hs[i : i + batch_size]).logits, batch))
     return torch.cat(out)
 
 

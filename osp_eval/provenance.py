@@ -214,12 +214,20 @@ def device_info() -> dict:
     return info
 
 
+def reset_peak_memory() -> None:
+    """Start a run's GPU peak from here (the host peak RSS is the process's and cannot be reset)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory() -> dict:
+    """GPU peak allocated/reserved since `reset_peak_memory` (GiB), and the process's host peak RSS (GiB)."""
     import resource
 
     out = {"host_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # KiB
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["gpu_peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["gpu_peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     return out
 
 

@@ -88,26 +88,33 @@ def set_unit_gain(norm: nn.Module, offset: float) -> None:
     norm.weight.data.fill_(1.0 - offset)
 
 
+def _fold(norm: nn.Module | None, readers: list[nn.Linear], offset: float) -> None:
+    if norm is None:
+        return
+    g = norm_gain(norm, offset)
+    for lin in readers:
+        _set(lin, lin.weight.data.double() * g)
+    set_unit_gain(norm, offset)
+
+
 @torch.no_grad()
-def fuse_norms(model: nn.Module) -> None:
+def fuse_layer_norms(layer: nn.Module, ad) -> None:
+    """One decoder layer's part of `fuse_norms`."""
+    lin = ad.linears(layer)
+    attn_norm, mlp_norm = ad.norms(layer)
+    _fold(attn_norm, [lin["q"], lin["k"], lin["v"]], ad.norm_offset)
+    _fold(mlp_norm, [m for r, m in lin.items() if base_role(r) in ("gate", "up")] + ad.routers(layer), ad.norm_offset)
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module, layers: bool = True) -> None:
     """Fold each pre-norm's gain into the input columns of the Linears that read its output; set the gain to 1.
-    (Blocks that read the raw residual have nothing to fold; output norms are handled by `rotate_out_norms`.)"""
+    (Blocks that read the raw residual have nothing to fold; output norms are handled by `rotate_out_norms`.)
+    `layers=False`: only the final norm (a layer-streamed model's layers are done one by one)."""
     ad = get_adapter(model)
-
-    def fold(norm: nn.Module | None, readers: list[nn.Linear]) -> None:
-        if norm is None:
-            return
-        g = norm_gain(norm, ad.norm_offset)
-        for lin in readers:
-            _set(lin, lin.weight.data.double() * g)
-        set_unit_gain(norm, ad.norm_offset)
-
-    for layer in ad.layers(model):
-        lin = ad.linears(layer)
-        attn_norm, mlp_norm = ad.norms(layer)
-        fold(attn_norm, [lin["q"], lin["k"], lin["v"]])
-        fold(mlp_norm, [m for r, m in lin.items() if base_role(r) in ("gate", "up")] + ad.routers(layer))
-    fold(ad.final_norm(model), [ad.lm_head(model)])
+    for layer in ad.layers(model) if layers else ():
+        fuse_layer_norms(layer, ad)
+    _fold(ad.final_norm(model), [ad.lm_head(model)], ad.norm_offset)
 
 
 class OutNormGain(nn.Module):
@@ -142,19 +149,23 @@ def _out_norm_hook(module: nn.Module, args, out):
     return module.osp_out_gain(out)
 
 
+def rotate_layer_out_norms(layer: nn.Module, ad, r1) -> None:
+    """Give a layer's block-output norms a unit gain followed by their OutNormGain (families with post-norms)."""
+    for norm in ad.out_norms(layer):
+        if norm is None:
+            continue
+        gain = norm_gain(norm, ad.norm_offset)
+        if hasattr(norm, "osp_out_gain_hook"):
+            norm.osp_out_gain_hook.remove()
+        norm.osp_out_gain = OutNormGain(gain, r1)
+        norm.osp_out_gain_hook = norm.register_forward_hook(_out_norm_hook)
+        set_unit_gain(norm, ad.norm_offset)
+
+
 def rotate_out_norms(model: nn.Module, r1) -> None:
-    """Give every block-output norm a unit gain followed by its OutNormGain (families with post-norms)."""
     ad = get_adapter(model)
     for layer in ad.layers(model):
-        for norm in ad.out_norms(layer):
-            if norm is None:
-                continue
-            gain = norm_gain(norm, ad.norm_offset)
-            if hasattr(norm, "osp_out_gain_hook"):
-                norm.osp_out_gain_hook.remove()
-            norm.osp_out_gain = OutNormGain(gain, r1)
-            norm.osp_out_gain_hook = norm.register_forward_hook(_out_norm_hook)
-            set_unit_gain(norm, ad.norm_offset)
+        rotate_layer_out_norms(layer, ad, r1)
 
 
 def draw_rotations(cfg: QuantConfig, dims: Dims, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -233,71 +244,94 @@ def rotate_o_cols(w: torch.Tensor, r2: torch.Tensor, head_dim: int) -> torch.Ten
     return (w.view(w.shape[0], -1, head_dim) @ r2).reshape(w.shape[0], -1)
 
 
+def _reads(m: nn.Module, r1: torch.Tensor) -> None:
+    _set(m, rotate_reader(m.weight.data.double(), r1))
+
+
+def _writes(lin: nn.Linear, r1: torch.Tensor) -> None:  # the weight and the bias
+    _set(lin, rotate_writer(lin.weight.data.double(), r1))
+    if lin.bias is not None:
+        lin.bias.data = rotate_writer(lin.bias.data.double(), r1).to(lin.bias)
+
+
 @torch.no_grad()
-def apply_r1_r2(model: nn.Module, r1: torch.Tensor, r2s: list[torch.Tensor], o_full_hadamard: bool = False) -> None:
+def rotate_layer(layer: nn.Module, ad, r1: torch.Tensor, r2: torch.Tensor, head_dim: int,
+                 o_full_hadamard: bool = False) -> None:
+    """R1 and R2 on one decoder layer's Linears (r1, r2 float64 on the layer's device)."""
+    lin = ad.linears(layer)
+    for role, m in lin.items():
+        if base_role(role) in ("q", "k", "v", "gate", "up"):
+            _reads(m, r1)
+        elif base_role(role) in ("o", "down"):
+            _writes(m, r1)
+    for router in ad.routers(layer):  # full precision, but it reads the rotated residual: routing is kept
+        _reads(router, r1)
+    v = lin["v"]
+    _set(v, rotate_v_rows(v.weight.data.double(), r2, head_dim))
+    if v.bias is not None:
+        v.bias.data = rotate_v_bias(v.bias.data.double(), r2, head_dim).to(v.bias)
+    # o_proj input columns per head (or the full Hadamard, QuaRot paper)
+    o = lin["o"]
+    if o_full_hadamard:
+        fold_input_hadamard(o)
+    else:
+        _set(o, rotate_o_cols(o.weight.data.double(), r2, head_dim))
+
+
+@torch.no_grad()
+def apply_r1_r2(model: nn.Module, r1: torch.Tensor, r2s: list[torch.Tensor], o_full_hadamard: bool = False,
+                layers: bool = True) -> None:
+    """R1 on the embedding and lm_head, then R1/R2 on every layer (`layers=False`: the model-level part only)."""
     ad = get_adapter(model)
-    dims = ad.dims(model)
-    hd = dims.head_dim
+    hd = ad.dims(model).head_dim
     device = ad.embed(model).weight.device  # float64 on the model's device: GPUs do this in seconds
     r1 = r1.double().to(device)
-
-    def reads(m: nn.Module) -> None:
-        _set(m, rotate_reader(m.weight.data.double(), r1))
-
-    def writes(lin: nn.Linear) -> None:  # the weight and the bias
-        _set(lin, rotate_writer(lin.weight.data.double(), r1))
-        if lin.bias is not None:
-            lin.bias.data = rotate_writer(lin.bias.data.double(), r1).to(lin.bias)
-
-    reads(ad.embed(model))
-    reads(ad.lm_head(model))
-    for layer, r2 in zip(ad.layers(model), r2s):
-        lin = ad.linears(layer)
-        for role, m in lin.items():
-            if base_role(role) in ("q", "k", "v", "gate", "up"):
-                reads(m)
-            elif base_role(role) in ("o", "down"):
-                writes(m)
-        for router in ad.routers(layer):  # full precision, but it reads the rotated residual: routing is kept
-            reads(router)
-        r2 = r2.double().to(device)
-        v = lin["v"]
-        _set(v, rotate_v_rows(v.weight.data.double(), r2, hd))
-        if v.bias is not None:
-            v.bias.data = rotate_v_bias(v.bias.data.double(), r2, hd).to(v.bias)
-        # o_proj input columns per head (or the full Hadamard, QuaRot paper)
-        o = lin["o"]
-        if o_full_hadamard:
-            fold_input_hadamard(o)
-        else:
-            _set(o, rotate_o_cols(o.weight.data.double(), r2, hd))
+    _reads(ad.embed(model), r1)
+    _reads(ad.lm_head(model), r1)
+    for layer, r2 in zip(ad.layers(model) if layers else (), r2s):
+        rotate_layer(layer, ad, r1, r2.double().to(device), hd, o_full_hadamard)
 
 
 @torch.no_grad()
-def prepare_for_r1(model: nn.Module, cfg: QuantConfig) -> None:
+def prepare_for_r1(model: nn.Module, cfg: QuantConfig, layers: bool = True) -> None:
     """Steps 1-2 of --rotate (untie, optional embedding centring, norm fusion): what R1/R2 are applied to."""
     untie_lm_head(model)
     if cfg.center_embeddings:
         w = get_adapter(model).embed(model).weight.data
         w.sub_(w.double().mean(-1, keepdim=True).to(w.dtype))
-    fuse_norms(model)
+    fuse_norms(model, layers)
 
 
 @torch.no_grad()
 def rotate_model(model: nn.Module, cfg: QuantConfig) -> dict[str, object]:
-    """Apply the offline part of the configured rotation; return the online transforms by Linear role."""
+    """Apply the offline part of the configured rotation; return the online transforms by Linear role.
+
+    Model-level weights first (embedding, final norm, lm_head), then each layer, on the model's compute device
+    in float64 (a layer-streamed model's layers visit the device one at a time: the same arithmetic)."""
+    from .offload import compute_device, walk
+
     ad = get_adapter(model)
     dims = ad.dims(model)
+    device = compute_device(model)
+    o_full = cfg.o_proj_input == "hadamard"
     online: dict[str, object] = {"down": OnlineHadamard(cfg.fp32_had)}
     if cfg.rotate:
-        prepare_for_r1(model, cfg)
-        r1, r2s = draw_rotations(cfg, dims, next(model.parameters()).device)
-        apply_r1_r2(model, r1, r2s, o_full_hadamard=cfg.o_proj_input == "hadamard")
-        rotate_out_norms(model, r1)
-        if cfg.o_proj_input == "hadamard":
+        prepare_for_r1(model, cfg, layers=False)
+        r1, r2s = draw_rotations(cfg, dims, device)
+        apply_r1_r2(model, r1, r2s, o_full, layers=False)
+        r1 = r1.double().to(device)
+        if o_full:
             online["o"] = CrossHeadHadamard(dims.num_heads, cfg.fp32_had)
-    for layer in ad.layers(model):
+
+    def one(i, layer):
+        if cfg.rotate:
+            fuse_layer_norms(layer, ad)
+            rotate_layer(layer, ad, r1, r2s[i].double().to(device), dims.head_dim, o_full)
+            rotate_layer_out_norms(layer, ad, r1)
         for role, m in ad.linears(layer).items():
             if base_role(role) == "down":
                 fold_input_hadamard(m)
+
+    for _ in walk(ad.layers(model), device, one, write_back=True):
+        pass
     return online

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .cli_args import add_model_args, positive_int
+from .cli_args import add_model_args, add_offload_arg, positive_int
 from .config import preset
 from .data import calibration_text, wikitext2_data
 from .errors import OspEvalError
@@ -181,7 +181,8 @@ def run_table(args) -> dict:
                 rec = evaluate_ppl(model, cfg, dtype=args.dtype, device=args.device, data_dir=args.data_dir,
                                    seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
                                    output_dir=args.output_dir, progress=not args.no_progress,
-                                   save_qmodel_path=str(qpath) if qpath else None, inputs=inputs, data=data)
+                                   save_qmodel_path=str(qpath) if qpath else None, inputs=inputs, data=data,
+                                   offload=getattr(args, "offload", "auto"))
                 save_ppl(rec)
                 rec["cached"] = False
             # Compute time of the cell (model loading excluded): rotation training + quantization + evaluation.
@@ -237,13 +238,15 @@ def write_reports(args, models, bits_list, methods, results, failures, seconds, 
                              "result": r.get("result_path") if r else None,
                              "lighteval_average": le.get("average"), "lighteval_average_all": le.get("average_all"),
                              "lighteval_seconds": round(le["total_seconds"], 2) if le else None,
-                             "lighteval_cached": le.get("cached"), "lighteval_result": le.get("result_path")})
+                             "lighteval_cached": le.get("cached"), "lighteval_result": le.get("result_path"),
+                             **peak_columns(r, le)})
             md.append(f"| {ROW_NAMES.get(meth, meth)} | " + " | ".join(cells) + " |")
         md.append("")
     if len(set(labels)) == len(labels) and labels != [model_slug(m) for m in models]:
         md += ["Columns: " + "; ".join(f"{lab} = {m}" for lab, m in zip(labels, models)), ""]
     if args.tasks:
         md += _lighteval_md(args, labels, bits_list, methods, rows)
+    md += _peak_md(labels, bits_list, methods, rows)
     compute = sum((r["seconds"] or 0.0) + (r["lighteval_seconds"] or 0.0) for r in rows)
     md += ["", f"Compute time of the grid: {compute:.1f} s (per cell: rotation training + quantization + evaluation, "
            "model loading excluded except in lighteval runs; cached cells count their original time). This invocation: "
@@ -264,6 +267,36 @@ def write_reports(args, models, bits_list, methods, results, failures, seconds, 
                "failed": failures, "data": data, "files": [str(out / n) for n in ("table.md", "table.csv", "table.png")]}
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+PEAK = ("gpu_peak_allocated_gb", "gpu_peak_reserved_gb", "host_peak_rss_gb")
+
+
+def peak_columns(r: dict | None, le: dict) -> dict:
+    """A cell's peak memory (GiB) for the CSV: its PPL run's, and its lighteval run's where there is one."""
+    ppl, lev = (r or {}).get("peak_memory") or {}, le.get("peak_memory") or {}
+    return {**{k: ppl.get(k) for k in PEAK}, **{f"lighteval_{k}": lev.get(k) for k in PEAK},
+            "streamed": ((r or {}).get("offload") or {}).get("streamed")}
+
+
+def _peak_md(labels, bits_list, methods, rows) -> list[str]:
+    """The "Peak memory" section: GPU peak allocated / host peak RSS (GiB) of each cell's PPL run."""
+    md = ["# Peak memory", "", "GPU peak allocated / host peak RSS in GiB of each cell's PPL run (quantization "
+          "included; host RSS is the process's peak so far; * = layer-streamed; cached cells show their original run).",
+          ""]
+    for bits in bits_list:
+        md += [f"## W-A-KV {bits}", "", "| Method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+        for meth in methods:
+            cells = []
+            for label in labels:
+                r = next(x for x in rows if x["model"] == label and x["bits"] == bits and x["method"] == meth)
+                g, h = r["gpu_peak_allocated_gb"], r["host_peak_rss_gb"]
+                cells.append("-" if g is None and h is None else
+                             f"{'-' if g is None else f'{g:.2f}'} / {'-' if h is None else f'{h:.2f}'}"
+                             f"{' *' if r['streamed'] else ''}")
+            md.append(f"| {ROW_NAMES.get(meth, meth)} | " + " | ".join(cells) + " |")
+        md.append("")
+    return md
 
 
 def pct(v) -> str:
@@ -381,6 +414,7 @@ def add_cli(sub) -> None:
     p.add_argument("--seqlen", type=positive_int, default=2048, help="WikiText-2 window length")
     p.add_argument("--kernels", choices=("reference", "triton", "auto"), default=None,
                    help="activation quantizers: reference, triton (bit-identical fused kernel) or auto (default)")
+    add_offload_arg(p)
     p.add_argument("--batch_size", type=positive_int, default=4, help="PPL windows per forward")
     p.add_argument("--max_windows", type=positive_int, default=None, help="only the first N windows (partial numbers)")
     p.add_argument("--tasks", default=None,

@@ -6,7 +6,7 @@
 # $OSP_EVAL_ROTATION_DIR (default results/rotations)/MODEL_wWaAkvKV/R.bin, then evaluates with it.
 # Extra flags go to both commands, except training-only flags (--steps, --lr, --momentum, --train_*,
 # --micro_batch_size, --[no-]gradient_checkpointing; --save_path PATH moves the trained file) and PPL-only flags (--seqlen,
-# --batch_size, --max_windows). Offline (no WikiText-2 train split) pass --calib_data c4.
+# --batch_size, --max_windows, --offload: rotation training needs the whole model on the GPU). Offline (no WikiText-2 train split) pass --calib_data c4.
 set -euo pipefail
 if [ $# -lt 4 ]; then echo "usage: bash $0 MODEL W_BITS A_BITS KV_BITS [ROTATION_FILE] [flags]" >&2; exit 2; fi
 source "$(dirname "$0")/_env.sh"
@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     --save_path) SAVE=${value[0]:-${flag#*=}} ;;
     --steps|--lr|--momentum|--train_nsamples|--train_seqlen|--train_batch_size|--micro_batch_size)
       TRAIN+=("$flag" "${value[@]}") ;;
-    --seqlen|--batch_size|--max_windows) PPL+=("$flag" "${value[@]}") ;;
+    --seqlen|--batch_size|--max_windows|--offload) PPL+=("$flag" "${value[@]}") ;;
     *) TRAIN+=("$flag" "${value[@]}"); PPL+=("$flag" "${value[@]}") ;;
   esac
 done

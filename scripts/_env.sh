@@ -1,5 +1,6 @@
 # Sourced by scripts/1…5: the interpreter ($PY: .venv's, or $OSP_EVAL_PYTHON, or python3) and the data folder
-# ($OSP_EVAL_DATA, defaulting to ../shared/data when it exists).
+# ($OSP_EVAL_DATA, defaulting to ../shared/data when it exists). Layer streaming for models larger than the GPU:
+# pass --offload auto|on|off, or set OSP_EVAL_OFFLOAD (read by osp-eval ppl/kurtosis/table; default auto).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${OSP_EVAL_PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3

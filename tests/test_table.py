@@ -25,6 +25,8 @@ def test_grid_caches_and_resumes(stories_path, data_dir, tmp_path):
     assert "| RTN |" in md and "| + FFN Had |" in md and "stories260K" in md
     rows = list(csv.DictReader(open(tmp_path / "table" / "table.csv")))
     assert len(rows) == 4 and all(float(r["ppl"]) > 1 for r in rows)
+    assert all(float(r["host_peak_rss_gb"]) > 0 and r["streamed"] == "False" for r in rows)  # peak memory columns
+    assert "# Peak memory" in md and json.loads(Path(rows[0]["result"]).read_text())["peak_memory"]
     assert (tmp_path / "table" / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # rerun: nothing new
     assert _table(stories_path, data_dir, tmp_path)["computed"] == 0
