@@ -6,6 +6,8 @@ argument should not wait.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from lighteval.models.model_output import ModelResponse
@@ -13,7 +15,23 @@ from lighteval.models.transformers.transformers_model import TransformersModel, 
 from tqdm.auto import tqdm
 
 from .errors import OspEvalError
+from . import parallel
 from .lighteval_run import DEFAULT_BATCH
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
+
+
+def plan_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Positions 0..n-1 of rows sorted longest first (`lengths`: tokens each) cut into consecutive batches of at
+    most `budget` tokens counted as rows x the batch's longest row (always at least one row)."""
+    out, pos = [], 0
+    while pos < len(lengths):
+        n = max(1, budget // max(lengths[pos], 1))
+        out.append(list(range(pos, min(pos + n, len(lengths)))))
+        pos += n
+    return out
 
 
 class OspModelConfig(TransformersModelConfig):
@@ -33,7 +51,10 @@ class OspLightevalModel(TransformersModel):
       length, and many more short ones: short multiple-choice rows keep a GPU as busy as long ones).
       Rows are right-padded (causal, so padding never reaches a real position; every row starts at
       position 0). Only the positions that predict continuation tokens go through lm_head, and only
-      each row's own ones through an fp32 log-softmax. On CUDA OOM the token budget halves.
+      each row's own ones through an fp32 log-softmax. On CUDA OOM the token budget halves (for the rest
+      of the run: the batch is cut in pieces).
+    - data parallel (osp_eval.parallel): each rank scores whole batches of the plan, or generates whole
+      generation batches, and the results are merged on every rank before the responses are built.
       Context and continuation are tokenized together and split (lighteval's
       `pairwise_tokenization=False`, as the reference's 0.9 did); lighteval 0.13's own loop always
       tokenizes them separately.
@@ -66,26 +87,33 @@ class OspLightevalModel(TransformersModel):
             ctx_toks, cont_toks = self.tok_encode_pair(ctx, doc.choices, pairwise=self.pairwise_tokenization)
             rows += [(i, j, list(c), list(t)) for j, (c, t) in enumerate(zip(ctx_toks, cont_toks))]
         order = sorted(range(len(rows)), key=lambda k: -(len(rows[k][2]) + len(rows[k][3])))
-        scores = {}
         budget = (self.config.batch_size or DEFAULT_BATCH) * self.max_length  # tokens per forward pass
-        bar = tqdm(total=len(rows), desc="loglikelihood", unit="seq", disable=self.disable_tqdm)
-        pos = 0
-        while pos < len(order):
-            longest = min(len(rows[order[pos]][2]) + len(rows[order[pos]][3]) - 1, self.max_length)
-            batch = [rows[k] for k in order[pos: pos + max(1, budget // max(longest, 1))]]
-            try:
-                out = self._score_rows(batch)
-            except torch.cuda.OutOfMemoryError:
-                if len(batch) == 1:
-                    raise
-                budget = len(batch) * longest // 2
-                torch.cuda.empty_cache()
-                continue
-            for (i, j, _, _), r in zip(batch, out):
-                scores[i, j] = r
-            pos += len(batch)
-            bar.update(len(batch))
+        # The batches are planned over all rows, then dealt out whole (round-robin: each rank gets long and short
+        # ones): every row meets the same neighbours and padding at any world size, so its numbers do not change.
+        batches = plan_batches([self._row_len(rows[k]) for k in order], budget)
+        mine = [[order[p] for p in batches[b]] for b in parallel.shard(len(batches))]
+        scores = {}
+        bar = tqdm(total=sum(map(len, mine)), desc="loglikelihood", unit="seq", disable=self.disable_tqdm)
+        room = budget  # tokens per pass this rank can afford; halves on each CUDA OOM
+        for batch in mine:
+            pos = 0
+            while pos < len(batch):
+                longest = self._row_len(rows[batch[pos]])
+                piece = [rows[k] for k in batch[pos: pos + max(1, room // longest)]]
+                try:
+                    out = self._score_rows(piece)
+                except torch.cuda.OutOfMemoryError:
+                    if len(piece) == 1:
+                        raise
+                    room = len(piece) * longest // 2
+                    torch.cuda.empty_cache()
+                    continue
+                for (i, j, _, _), r in zip(piece, out):
+                    scores[i, j] = r
+                pos += len(piece)
+                bar.update(len(piece))
         bar.close()
+        scores = parallel.gather(scores, agree=_digest(rows))
         responses = []
         for i, doc in enumerate(docs):
             per = [scores[i, j] for j in range(len(doc.choices))]
@@ -95,6 +123,10 @@ class OspLightevalModel(TransformersModel):
                 output_tokens=[rows[first[i] + j][3] for j in range(len(doc.choices))],
                 truncated_tokens_count=max(p[2] for p in per)))
         return responses
+
+    def _row_len(self, row) -> int:
+        """Tokens a row feeds the model: context + continuation, less the last (only a target), at most max_length."""
+        return max(1, min(len(row[2]) + len(row[3]) - 1, self.max_length))
 
     vllm_engine = None  # set by run_lighteval(backend="vllm"): generation in vLLM
     vllm_loglik = True  # and log-likelihoods too (False: the Transformers model scores them)
@@ -106,7 +138,35 @@ class OspLightevalModel(TransformersModel):
         The vLLM branch keeps lighteval's choices for the Transformers path: the prompt is kept whole up to
         max_length tokens (cut from the left beyond), the generation gets what room is left (at least one
         token), stops at EOS or a stop string, and its decoded text is cut at the first stop string. (The
-        HF loop sizes the room per padded batch, by its longest prompt; here each document gets its own.)"""
+        HF loop sizes the room per padded batch, by its longest prompt; here each document gets its own.)
+
+        Data parallel: the HF loop's batches (lighteval's own grouping and order) are dealt out whole, so each
+        prompt is generated with the same neighbours as in one process; vLLM gets each rank's share of the
+        length-sorted documents in one call (it batches by itself)."""
+        if parallel.world().size == 1:
+            return self._greedy_until_local(docs)
+        if self.vllm_engine is None:
+            units = self._generation_batches(docs)
+            mine = {}
+            for u in parallel.shard(len(units)):
+                mine |= dict(zip(units[u], self._greedy_until_local([docs[k] for k in units[u]])))
+        else:
+            order = sorted(range(len(docs)), key=lambda k: -len(docs[k].query))
+            share = [order[p] for p in parallel.shard(len(docs))]
+            mine = dict(zip(share, self._greedy_until_local([docs[k] for k in share]) if share else []))
+        merged = parallel.gather(mine, agree=_digest([d.query for d in docs]))
+        return [merged[k] for k in range(len(docs))]
+
+    def _generation_batches(self, docs) -> list[list[int]]:
+        """The documents (indices) of each generate() call lighteval's padded loop makes for `docs`."""
+        from lighteval.data import GenerativeTaskDataset
+
+        data = GenerativeTaskDataset(requests=list(docs), num_dataset_splits=self.DATASET_SPLITS)
+        size = self.gen_batch_size or self.config.batch_size or DEFAULT_BATCH
+        return [data.original_order[p: min(p + size, end)] for start, end in data.splits
+                for p in range(start, end, size)]
+
+    def _greedy_until_local(self, docs):
         if self.vllm_engine is None:
             # lighteval's loop batches by config.batch_size: swap in the generation batch for this call.
             old = self.config.batch_size

@@ -19,6 +19,7 @@ lighteval's own results JSON (and per-sample details with --save_details).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import math
 import os
@@ -133,6 +134,24 @@ def _quiet_datasets(arrow_cache: str | None = None):
             datasets.enable_progress_bars()
 
 
+def _same_order_everywhere(pipeline) -> None:
+    """lighteval groups the documents by sampling method in an order that follows set iteration (it changes with
+    PYTHONHASHSEED, so between processes). Rebuild the groups in a fixed order (tasks by name, methods by name,
+    each task's documents in its own order): data-parallel ranks must agree on every list, and one process is then
+    reproducible too."""
+    docs = pipeline.documents_dict
+    methods = sorted({m for task in docs.values() for d in task for m in d.sampling_methods}, key=str)
+    pipeline.sampling_docs = collections.defaultdict(list, {
+        m: [d for name in sorted(docs) for d in docs[name] if m in d.sampling_methods] for m in methods})
+
+
+def _dist_backend(device) -> str:
+    """NCCL between GPUs, gloo between CPU processes."""
+    import torch
+
+    return "nccl" if torch.cuda.is_available() and not str(device or "").startswith("cpu") else "gloo"
+
+
 def _offline() -> bool:
     return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
 
@@ -148,15 +167,23 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     """Quantize `model_name` by `cfg` in memory, evaluate `tasks` with lighteval, write lighteval's JSON and
     our summary. Returns the summary record.
 
+    Data parallel (under torchrun, or in `parallel.launch`): every rank quantizes its own replica on
+    cuda:<local rank> (or the CPU) with the same seeds, then takes rank 0's weights (`parallel.broadcast_model`),
+    scores its share of the work, and gets everyone's results; only rank 0 writes files.
+
     backend "vllm": greedy generation runs in a vLLM engine holding the same quantized model
     (osp_eval.vllm_backend); log-likelihoods run where loglik_backend says (default VLLM_LOGLIK_BACKEND,
     the faster one measured; see benchmarks/RESULTS.md)."""
+    from . import parallel
     from .pipeline import load_and_quantize, method_name, model_slug
     from .provenance import now
     from .results import save_result
 
     t_start = time.perf_counter()
     started = now()
+    world = parallel.init(backend=_dist_backend(device))
+    device = parallel.device(device)
+    progress = progress and world.main
     wanted = parse_tasks(tasks)  # fail fast on bad input, before the model loads
     plan = lighteval_plan(model_name, cfg, wanted, gguf_file=gguf_file, dtype=dtype, device=device,
                           data_dir=data_dir, max_samples=max_samples, batch_size=batch_size, max_length=max_length,
@@ -184,8 +211,12 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         raise OspEvalError("no task left to run: " + "; ".join(skipped.values()))
 
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
-                                         data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
+                                         data_dir=data_dir, progress=progress,
+                                         save_qmodel_path=save_qmodel_path if world.main else None,
                                          load_qmodel_path=load_qmodel_path, inputs=plan["inputs"])
+    differed = parallel.broadcast_model(model)  # replicas are rank 0's, whatever the kernels did
+    layout = parallel.layout(plan["inputs"].device)
+    layout["tensors_replaced_by_rank0"] = sum(parallel.gather({world.rank: differed}).values())
     method = method_name(cfg)
     slug = model_slug(model_name, gguf_file)
     stem, out = plan["stem"], plan["out"]
@@ -216,6 +247,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         try:
             with _only_our_tasks(), _quiet_datasets():
                 pipeline = Pipeline(tasks=spec, pipeline_parameters=params, evaluation_tracker=tracker, model=lm)
+            _same_order_everywhere(pipeline)
         except Exception as e:  # dataset loading: the hub, a revision, a local folder
             if ddir is not None:
                 raise
@@ -225,7 +257,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         with _quiet_datasets(arrow_cache=os.path.join(cache_dir, "arrow")):
             pipeline.evaluate()
             eval_seconds = time.perf_counter() - t_eval
-            pipeline.save_and_push_results()
+            if world.main:
+                pipeline.save_and_push_results()
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
@@ -250,7 +283,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         "tasks": per_task, "skipped": skipped, **bench,
         "max_samples": max_samples, "full_splits": max_samples is None,
         "batch_size": batch_size, "gen_batch_size": gen_batch_size or batch_size, "max_length": max_length,
-        "fewshot_seed": lt.FEWSHOT_SEED, "backend": backend,
+        "fewshot_seed": lt.FEWSHOT_SEED, "backend": backend, "parallel": layout,
         "backends": {"loglikelihood": loglik_backend, "generation": backend},
         "tokenization": "context+continuation tokenized together, then split",
         "data_dir": str(ddir) if ddir else None,
@@ -259,6 +292,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         "model_fingerprint": plan["inputs"].fingerprint,
         "identity": plan["identity"],
     }
+    if not world.main:
+        return record
     try:
         record["result_path"] = str(save_result(record, out, stem, started=started))
     except OSError as e:
@@ -401,6 +436,9 @@ def add_lighteval_args(p: argparse.ArgumentParser) -> None:
                    help=f"with --backend vllm: who scores the multiple-choice tasks (default {VLLM_LOGLIK_BACKEND}, "
                         "the faster one measured on an H100; see benchmarks/RESULTS.md)")
     g.add_argument("--save_details", action="store_true", help="also write lighteval's per-sample details")
+    g.add_argument("--data_parallel", type=positive_int, default=1, metavar="N",
+                   help="N processes, one model replica each (one GPU each, or the CPU), each scoring a share of "
+                        "the documents; same numbers as one process. Under torchrun leave it at 1")
 
 
 def weight_method(args) -> str:
@@ -411,15 +449,41 @@ def weight_method(args) -> str:
 
 def action(args) -> None:
     from .cli_args import config_from_args
+    from .parallel import launch
 
     cfg = config_from_args(args, default_method=weight_method(args))
+    if args.data_parallel > 1:
+        check_data_parallel(args.data_parallel, args.device)
+        # Bad input fails here, once, before N processes start (each would import lighteval and load the model).
+        lighteval_plan(args.model, cfg, parse_tasks(args.tasks), gguf_file=args.gguf_file, dtype=args.dtype,
+                       device=args.device, data_dir=args.data_dir, max_samples=args.max_samples,
+                       batch_size=args.batch_size, max_length=args.max_length, output_dir=args.output_dir,
+                       load_qmodel_path=args.load_qmodel_path, backend=args.backend,
+                       gen_batch_size=args.gen_batch_size, loglik_backend=args.loglik_backend)
+    launch(_run_and_print, args.data_parallel, args, cfg, backend=_dist_backend(args.device))
+
+
+def check_data_parallel(n: int, device) -> None:
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise OspEvalError(f"--data_parallel {n} under torchrun: torchrun already starts the processes; drop one")
+    gpus = torch.cuda.device_count() if _dist_backend(device) == "nccl" else 0
+    if gpus and n > gpus:
+        raise OspEvalError(f"--data_parallel {n}: only {gpus} GPU(s) visible (one replica per GPU)")
+
+
+def _run_and_print(args, cfg) -> None:
+    from .parallel import world
+
     r = run_lighteval(args.model, cfg, tasks=args.tasks, gguf_file=args.gguf_file, dtype=args.dtype,
                       device=args.device, data_dir=args.data_dir, max_samples=args.max_samples,
                       batch_size=args.batch_size, max_length=args.max_length, output_dir=args.output_dir,
                       save_details=args.save_details, progress=not args.no_progress,
                       save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path,
                       backend=args.backend, gen_batch_size=args.gen_batch_size, loglik_backend=args.loglik_backend)
-    print(format_table(r))
+    if world().main:
+        print(format_table(r))
 
 
 def build_parser(prog: str = "lighteval_ptq.py") -> argparse.ArgumentParser:
