@@ -163,7 +163,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
                   data_dir=None, max_samples=None, batch_size=DEFAULT_BATCH, max_length=None,
                   output_dir="results", save_details=False, progress=True, save_qmodel_path=None,
                   load_qmodel_path=None, backend="hf", gen_batch_size=None,
-                  loglik_backend=None) -> dict:
+                  loglik_backend=None, devices=None) -> dict:
     """Quantize `model_name` by `cfg` in memory, evaluate `tasks` with lighteval, write lighteval's JSON and
     our summary. Returns the summary record.
 
@@ -183,6 +183,11 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     started = now()
     world = parallel.init(backend=_dist_backend(device))
     device = parallel.device(device)
+    if backend == "vllm" and devices not in (None, 1, "auto"):
+        raise OspEvalError(f"--devices {devices} with the vLLM backend: the vLLM engine holds the model on one GPU")
+    if world.size > 1:
+        check_data_parallel(world.size, device, devices)
+        devices = None  # one whole replica per process
     progress = progress and world.main
     wanted = parse_tasks(tasks)  # fail fast on bad input, before the model loads
     plan = lighteval_plan(model_name, cfg, wanted, gguf_file=gguf_file, dtype=dtype, device=device,
@@ -213,7 +218,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                          data_dir=data_dir, progress=progress,
                                          save_qmodel_path=save_qmodel_path if world.main else None,
-                                         load_qmodel_path=load_qmodel_path, inputs=plan["inputs"])
+                                         load_qmodel_path=load_qmodel_path, inputs=plan["inputs"], devices=devices)
     differed = parallel.broadcast_model(model)  # replicas are rank 0's, whatever the kernels did
     layout = parallel.layout(plan["inputs"].device)
     layout["tensors_replaced_by_rank0"] = sum(parallel.gather({world.rank: differed}).values())
@@ -411,10 +416,11 @@ def format_table(r: dict) -> str:
 
 
 def add_lighteval_args(p: argparse.ArgumentParser) -> None:
-    from .cli_args import add_model_args, add_quant_args, positive_int
+    from .cli_args import add_devices_arg, add_model_args, add_quant_args, positive_int
 
     add_model_args(p)
     add_quant_args(p)
+    add_devices_arg(p)
     g = p.add_argument_group("lighteval")
     g.add_argument("--tasks", default=str(REPO_TASKS),
                    help="tasks file (lines suite|task|shots|truncate) or comma-separated task|shots entries")
@@ -453,7 +459,10 @@ def action(args) -> None:
 
     cfg = config_from_args(args, default_method=weight_method(args))
     if args.data_parallel > 1:
-        check_data_parallel(args.data_parallel, args.device)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise OspEvalError(f"--data_parallel {args.data_parallel} under torchrun: torchrun already starts the "
+                               "processes; drop one of them")
+        check_data_parallel(args.data_parallel, args.device, args.devices)
         # Bad input fails here, once, before N processes start (each would import lighteval and load the model).
         lighteval_plan(args.model, cfg, parse_tasks(args.tasks), gguf_file=args.gguf_file, dtype=args.dtype,
                        device=args.device, data_dir=args.data_dir, max_samples=args.max_samples,
@@ -463,11 +472,13 @@ def action(args) -> None:
     launch(_run_and_print, args.data_parallel, args, cfg, backend=_dist_backend(args.device))
 
 
-def check_data_parallel(n: int, device) -> None:
+def check_data_parallel(n: int, device, devices=None) -> None:
+    """N data-parallel processes, one whole replica each: one GPU per process."""
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise OspEvalError(f"--data_parallel {n} under torchrun: torchrun already starts the processes; drop one")
+    if devices not in (None, 1, "auto"):
+        raise OspEvalError(f"--devices {devices} with {n} data-parallel processes: each replica holds one GPU "
+                           "(pipeline sharding and data parallelism do not combine); drop one of them")
     gpus = torch.cuda.device_count() if _dist_backend(device) == "nccl" else 0
     if gpus and n > gpus:
         raise OspEvalError(f"--data_parallel {n}: only {gpus} GPU(s) visible (one replica per GPU)")
@@ -481,7 +492,8 @@ def _run_and_print(args, cfg) -> None:
                       batch_size=args.batch_size, max_length=args.max_length, output_dir=args.output_dir,
                       save_details=args.save_details, progress=not args.no_progress,
                       save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path,
-                      backend=args.backend, gen_batch_size=args.gen_batch_size, loglik_backend=args.loglik_backend)
+                      backend=args.backend, gen_batch_size=args.gen_batch_size, loglik_backend=args.loglik_backend,
+                      devices=args.devices)
     if world().main:
         print(format_table(r))
 

@@ -151,8 +151,11 @@ def _load_qmodel_state(path: str, cfg: QuantConfig, model_digest: str | None = N
 
 def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", device=None,
                       data_dir=None, progress=True, save_qmodel_path=None, load_qmodel_path=None,
-                      inputs: Inputs | None = None):
+                      inputs: Inputs | None = None, devices=None):
     """Load a model and apply `cfg` in place. Returns (model, tokenizer, info for the results file).
+
+    `devices` (N or "auto", osp_eval.sharding): shard the model over N GPUs, whole decoder layers each. It is
+    loaded and quantized on the CPU (GPTQ moves one layer at a time to the GPU), then placed.
 
     With `load_qmodel_path`, the weights come from an earlier run's `save_qmodel_path` (no GPTQ again); the
     rotations' online parts and the activation/KV quantizers are installed as usual. `inputs`: an earlier
@@ -160,7 +163,11 @@ def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtyp
     """
     inputs = inputs or preflight(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                  data_dir=data_dir, load_qmodel_path=load_qmodel_path)
-    model, tok = load_model(model_name, gguf_file, dtype, inputs.device)
+    from .models import resolve_dtype
+    from .sharding import place, resolve_devices
+
+    shard = resolve_devices(devices, inputs.config, resolve_dtype(dtype, inputs.device))
+    model, tok = load_model(model_name, gguf_file, resolve_dtype(dtype, inputs.device), "cpu" if shard else inputs.device)
     info = {"calibration": None}
     t0 = time.perf_counter()
     if inputs.qmodel is not None:
@@ -181,6 +188,8 @@ def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtyp
         info["gptq"] = model.osp_gptq_stats
     info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     model.osp_config = cfg
+    if shard:
+        info["placement"] = place(model, shard)  # recorded, not part of the identity: it changes no number
     if save_qmodel_path:
         save_qmodel(model, cfg, save_qmodel_path, info, inputs.fingerprint)
     return model, tok, info
@@ -211,7 +220,7 @@ def ppl_result_path(output_dir, model_name: str, cfg: QuantConfig, identity: dic
 def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", device=None, data_dir=None,
                  seqlen=2048, batch_size=4, max_windows=None, output_dir="results", progress=True,
                  save_qmodel_path=None, load_qmodel_path=None, backend="hf", inputs: Inputs | None = None,
-                 data: tuple[str, dict] | None = None) -> dict:
+                 data: tuple[str, dict] | None = None, devices=None) -> dict:
     """WikiText-2 test perplexity of `model_name` quantized by `cfg`: the result record, not yet saved
     (`save_ppl` writes it to record["result_path"]). Everything is checked before any compute.
 
@@ -231,7 +240,7 @@ def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="au
                             backend=backend)
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                          data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
-                                         load_qmodel_path=load_qmodel_path, inputs=inputs)
+                                         load_qmodel_path=load_qmodel_path, inputs=inputs, devices=devices)
     ids = tokenize_text(tok, text)
     if backend == "vllm":
         from .vllm_backend import VllmEngine, perplexity_vllm
