@@ -206,7 +206,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     _xxhash_shim()
     names = [n for n, _ in wanted]
     if ddir is not None:
-        configs, skipped, not_exact = local_configs(names, ddir, progress)
+        with parallel.rank0_first():  # one process converts the data, the others find it converted
+            configs, skipped, not_exact = local_configs(names, ddir, progress)
     else:
         configs, skipped, not_exact = [lt.TASKS[n] for n in names], {}, {}
     for n, why in skipped.items():

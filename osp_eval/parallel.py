@@ -9,6 +9,7 @@ spawn the N processes itself. Without either, the world is one process and every
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -116,13 +117,24 @@ def broadcast_model(model: torch.nn.Module) -> int:
     if _WORLD.size == 1:
         return 0
     differed = 0
+    home = torch.device("cuda", torch.cuda.current_device()) if _WORLD.backend == "nccl" else torch.device("cpu")
     for t in model.state_dict().values():
-        buf = t.detach().clone()
+        buf = t.detach().to(home, copy=True)  # NCCL moves CUDA tensors only, gloo CPU ones
         dist.broadcast(buf, src=0)
-        if not torch.equal(buf, t):
+        if not torch.equal(buf.to(t.device), t):
             differed += 1
             t.copy_(buf)
     return differed
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block before the others (it fills a cache they then read instead of racing to fill it)."""
+    if _WORLD.size > 1 and not _WORLD.main:
+        dist.barrier()
+    yield
+    if _WORLD.size > 1 and _WORLD.main:
+        dist.barrier()
 
 
 def layout(device_name: str | None) -> dict:
@@ -163,4 +175,5 @@ def launch(fn, size: int, *args, backend: str | None = None) -> None:
         mp.spawn(_worker, args=(size, _free_port(), backend, fn, args), nprocs=size, join=True)
     except mp.ProcessRaisedException as e:
         lines = [s for s in str(e).strip().splitlines() if s.strip()]
-        raise OspEvalError(f"a data-parallel process failed: {lines[-1] if lines else e}") from None
+        last = (lines[-1] if lines else str(e)).removeprefix("osp_eval.errors.OspEvalError: ")
+        raise OspEvalError(f"a data-parallel process failed: {last}") from None

@@ -204,3 +204,29 @@ def test_data_parallel_lighteval_equals_one_process(stories_path, data_dir, tmp_
     assert a == b
     assert len(a["arc:easy"]) == 4 and all(len(lp) == 4 for _, lp, _ in a["arc:easy"])
     assert len(a["trivia_qa"]) == 4 and any(t[0] for _, _, t in a["trivia_qa"])  # it generated text
+
+
+def _fail_on_rank1():
+    if parallel.world().rank == 1:
+        raise OspEvalError("rank 1 cannot go on")
+
+
+def test_a_failing_process_is_one_error_line():
+    with pytest.raises(OspEvalError, match=r"^a data-parallel process failed: rank 1 cannot go on$"):
+        parallel.launch(_fail_on_rank1, 2, backend="gloo")
+
+
+def test_cli_data_parallel_spawns_and_prints_once(stories_path, data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, str(root / "lighteval_ptq.py"), stories_path, "--data_dir", data_dir, "--tasks",
+            "arc:easy|0", "--max_samples", "2", "--max_length", "128", "--output_dir", str(tmp_path), "--no_progress"]
+    r = subprocess.run([*argv, "--data_parallel", "2", "--devices", "2"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "do not combine" in r.stderr, r.stderr
+    r = subprocess.run([*argv, "--data_parallel", "2"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("summary: ") == 1  # rank 0 alone prints and writes
+    (summary,) = glob.glob(str(tmp_path / "lighteval" / "*" / "*.json"))
+    assert json.loads(Path(summary).read_text())["parallel"]["world_size"] == 2
