@@ -140,20 +140,15 @@ class OspLightevalModel(TransformersModel):
         token), stops at EOS or a stop string, and its decoded text is cut at the first stop string. (The
         HF loop sizes the room per padded batch, by its longest prompt; here each document gets its own.)
 
-        Data parallel: the HF loop's batches (lighteval's own grouping and order) are dealt out whole, so each
-        prompt is generated with the same neighbours as in one process; vLLM gets each rank's share of the
-        length-sorted documents in one call (it batches by itself)."""
-        if parallel.world().size == 1:
+        Data parallel (HF loop only: run_lighteval refuses vLLM there for now): the HF loop's batches
+        (lighteval's own grouping and order) are dealt out whole, so each prompt is generated with the same
+        neighbours as in one process."""
+        if parallel.world().size == 1 or self.vllm_engine is not None:
             return self._greedy_until_local(docs)
-        if self.vllm_engine is None:
-            units = self._generation_batches(docs)
-            mine = {}
-            for u in parallel.shard(len(units)):
-                mine |= dict(zip(units[u], self._greedy_until_local([docs[k] for k in units[u]])))
-        else:
-            order = sorted(range(len(docs)), key=lambda k: -len(docs[k].query))
-            share = [order[p] for p in parallel.shard(len(docs))]
-            mine = dict(zip(share, self._greedy_until_local([docs[k] for k in share]) if share else []))
+        units = self._generation_batches(docs)
+        mine = {}
+        for u in parallel.shard(len(units)):
+            mine |= dict(zip(units[u], self._greedy_until_local([docs[k] for k in units[u]])))
         merged = parallel.gather(mine, agree=_digest([d.query for d in docs]))
         return [merged[k] for k in range(len(docs))]
 

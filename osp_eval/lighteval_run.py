@@ -185,6 +185,10 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     device = parallel.device(device)
     if backend == "vllm" and devices not in (None, 1, "auto"):
         raise OspEvalError(f"--devices {devices} with the vLLM backend: the vLLM engine holds the model on one GPU")
+    if world.size > 1 and backend == "vllm":
+        # vLLM's in-process engine initialises torch.distributed for itself (a world of one); inside our group of
+        # N it has not been tried on GPUs yet (lighteval_model shards its generation; lift this once it has).
+        raise OspEvalError("data parallelism with the vLLM backend is not supported yet: use --backend hf")
     if world.size > 1:
         check_data_parallel(world.size, device, devices)
         devices = None  # one whole replica per process

@@ -230,3 +230,15 @@ def test_cli_data_parallel_spawns_and_prints_once(stories_path, data_dir, tmp_pa
     assert r.stdout.count("summary: ") == 1  # rank 0 alone prints and writes
     (summary,) = glob.glob(str(tmp_path / "lighteval" / "*" / "*.json"))
     assert json.loads(Path(summary).read_text())["parallel"]["world_size"] == 2
+
+
+def _vllm_in_two(model):
+    from osp_eval.config import QuantConfig
+    from osp_eval.lighteval_run import run_lighteval
+
+    run_lighteval(model, QuantConfig(), backend="vllm")
+
+
+def test_vllm_backend_is_refused_with_data_parallelism(stories_path):
+    with pytest.raises(OspEvalError, match="vLLM backend is not supported yet: use --backend hf$"):
+        parallel.launch(_vllm_in_two, 2, stories_path, backend="gloo")
