@@ -7,7 +7,8 @@ import os
 import sys
 import traceback
 
-from .cli_args import Parser, add_model_args, add_offload_arg, add_quant_args, config_from_args, positive_int
+from .cli_args import (Parser, add_devices_arg, add_model_args, add_offload_arg, add_quant_args, config_from_args,
+                       positive_int)
 from .errors import OspEvalError
 
 
@@ -19,7 +20,7 @@ def _ppl(args) -> int:
                      data_dir=args.data_dir, seqlen=args.seqlen, batch_size=args.batch_size,
                      max_windows=args.max_windows, output_dir=args.output_dir, progress=not args.no_progress,
                      save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path,
-                     backend=args.backend, offload=args.offload)
+                     backend=args.backend, offload=args.offload, devices=args.devices)
     part = "" if r["all_windows"] else f" (first {r['nwindows']} of {r['windows_available']} windows)"
     if not r["data"]["is_reference_split"]:
         part += (f" (NOT the reference WikiText-2 test split: {r['data']['rows']} rows, sha256 "
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("ppl", help="WikiText-2 test perplexity (the reference protocol)")
     add_model_args(pp)
     add_quant_args(pp)
+    add_devices_arg(pp)
     pp.add_argument("--seqlen", type=positive_int, default=2048)
     pp.add_argument("--batch_size", type=positive_int, default=4)
     pp.add_argument("--max_windows", type=positive_int, default=None,

@@ -48,6 +48,16 @@ def add_offload_arg(p: argparse.ArgumentParser) -> None:
                         "weights do not fit the GPU), on, off; changes no number (default $OSP_EVAL_OFFLOAD or auto)")
 
 
+def devices_arg(s: str):
+    return s if s == "auto" else positive_int(s)
+
+
+def add_devices_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", type=devices_arg, default="auto", metavar="N|auto",
+                   help="shard the model over N GPUs, whole decoder layers each (auto: over all of them only when "
+                        "it does not fit one)")
+
+
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization (defaults come from --preset)")
     g.add_argument("--preset", default="osp", choices=sorted(PRESETS), help="osp = the OSP scripts; quarot_paper")

@@ -3,13 +3,13 @@ through the real lighteval 0.13 pipeline.
 
 Glue and shims (each narrow, each explained where it lives):
 - the in-memory model goes in through `TransformersModel.from_model`, subclassed to load our tokenizer
-  (GGUF included) and to score log-likelihoods in length-sorted batches (see `OspLightevalModel`);
+  (GGUF included) and to score log-likelihoods in length-sorted batches (`lighteval_model.OspLightevalModel`);
 - a fresh `cache_dir` per evaluation: lighteval's SampleCache keys outputs on the model *config*, so a
   second quantized model with the same config would get the first one's answers;
 - the task registry sees only our tasks (`_only_our_tasks`);
 - xxhash >= 4 rejects `str` in lighteval's loggers: pinned `<4` in the extra, wrapped if newer (`_xxhash_shim`);
 - local data (`--data_dir`, or $OSP_EVAL_DATA): each task's files are converted once into a dataset folder under
-  ~/.cache/osp-eval/lighteval-data (`lighteval_tasks.write_local`), and lighteval loads that folder as `hf_repo`.
+  ~/.cache/osp-eval/lighteval-data (`lighteval_data`), and lighteval loads that folder as `hf_repo`.
 
 Outputs, under OUTPUT_DIR/lighteval/<model>/: `<method>_w..a..kv.._<key>.json` (our summary: per-task
 metric, the benchmark averages, the quantization config, timings) and a folder of the same name holding
@@ -19,8 +19,8 @@ lighteval's own results JSON (and per-sample details with --save_details).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
-import hashlib
 import math
 import os
 import shutil
@@ -29,11 +29,8 @@ import time
 import types
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from .errors import OspEvalError
+from .lighteval_data import local_configs, task_data_digest
 from .results import cell_key
 
 REPO_TASKS = Path(__file__).resolve().parents[1] / "tasks" / "tasks.txt"
@@ -137,226 +134,22 @@ def _quiet_datasets(arrow_cache: str | None = None):
             datasets.enable_progress_bars()
 
 
-# ---------------------------------------------------------------- the lighteval model
+def _same_order_everywhere(pipeline) -> None:
+    """lighteval groups the documents by sampling method in an order that follows set iteration (it changes with
+    PYTHONHASHSEED, so between processes). Rebuild the groups in a fixed order (tasks by name, methods by name,
+    each task's documents in its own order): data-parallel ranks must agree on every list, and one process is then
+    reproducible too."""
+    docs = pipeline.documents_dict
+    methods = sorted({m for task in docs.values() for d in task for m in d.sampling_methods}, key=str)
+    pipeline.sampling_docs = collections.defaultdict(list, {
+        m: [d for name in sorted(docs) for d in docs[name] if m in d.sampling_methods] for m in methods})
 
 
-def _model_classes():
-    """Defined lazily: importing lighteval takes ~10 s, and `--help` or a bad argument should not wait."""
-    from lighteval.models.model_output import ModelResponse
-    from lighteval.models.transformers.transformers_model import TransformersModel, TransformersModelConfig
+def _dist_backend(device) -> str:
+    """NCCL between GPUs, gloo between CPU processes."""
+    import torch
 
-    class OspModelConfig(TransformersModelConfig):
-        """`model_name` is a label (it names lighteval's output folders); `tokenizer` is the model folder,
-        `model_loading_kwargs["gguf_file"]` the GGUF file inside it, if any."""
-
-        def get_model_sha(self):
-            return ""  # an in-memory, modified model has no hub revision (and no network call for it)
-
-    class OspLightevalModel(TransformersModel):
-        """lighteval's TransformersModel around our in-memory model, with two changes:
-
-        - the tokenizer comes from osp_eval's loader (GGUF too), left-padded as lighteval's own;
-        - log-likelihoods: one row per (doc, choice), all rows sorted by length, longest first, and packed
-          into forward passes of at most `batch_size` x `max_length` tokens (so `batch_size` rows of full
-          length, and many more short ones: short multiple-choice rows keep a GPU as busy as long ones).
-          Rows are right-padded (causal, so padding never reaches a real position; every row starts at
-          position 0). Only the positions that predict continuation tokens go through lm_head, and only
-          each row's own ones through an fp32 log-softmax. On CUDA OOM the token budget halves.
-          Context and continuation are tokenized together and split (lighteval's
-          `pairwise_tokenization=False`, as the reference's 0.9 did); lighteval 0.13's own loop always
-          tokenizes them separately.
-        """
-
-        show_progress = True
-
-        @property
-        def disable_tqdm(self) -> bool:
-            return not self.show_progress
-
-        def _create_auto_tokenizer(self):
-            from .models import load_tokenizer
-
-            tok = load_tokenizer(self.config.tokenizer, self.config.model_loading_kwargs.get("gguf_file"))
-            tok.padding_side = "left"
-            tok.truncation_side = "left"
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
-            tok.model_max_length = self.max_length
-            return tok
-
-        def _loglikelihood_tokens(self, docs, rolling=False):
-            if rolling:
-                raise NotImplementedError("perplexity tasks are not supported here: use `osp-eval ppl`")
-            rows, first = [], []  # rows: (doc index, choice index, context, continuation); first: doc's 1st row
-            for i, doc in enumerate(docs):
-                first.append(len(rows))
-                ctx = self.prompt_manager.prepare_prompt(doc)
-                ctx_toks, cont_toks = self.tok_encode_pair(ctx, doc.choices, pairwise=self.pairwise_tokenization)
-                rows += [(i, j, list(c), list(t)) for j, (c, t) in enumerate(zip(ctx_toks, cont_toks))]
-            order = sorted(range(len(rows)), key=lambda k: -(len(rows[k][2]) + len(rows[k][3])))
-            scores = {}
-            budget = (self.config.batch_size or DEFAULT_BATCH) * self.max_length  # tokens per forward pass
-            bar = tqdm(total=len(rows), desc="loglikelihood", unit="seq", disable=self.disable_tqdm)
-            pos = 0
-            while pos < len(order):
-                longest = min(len(rows[order[pos]][2]) + len(rows[order[pos]][3]) - 1, self.max_length)
-                batch = [rows[k] for k in order[pos: pos + max(1, budget // max(longest, 1))]]
-                try:
-                    out = self._score_rows(batch)
-                except torch.cuda.OutOfMemoryError:
-                    if len(batch) == 1:
-                        raise
-                    budget = len(batch) * longest // 2
-                    torch.cuda.empty_cache()
-                    continue
-                for (i, j, _, _), r in zip(batch, out):
-                    scores[i, j] = r
-                pos += len(batch)
-                bar.update(len(batch))
-            bar.close()
-            responses = []
-            for i, doc in enumerate(docs):
-                per = [scores[i, j] for j in range(len(doc.choices))]
-                responses.append(ModelResponse(
-                    logprobs=[p[0] for p in per], argmax_logits_eq_gold=[p[1] for p in per],
-                    input_tokens=rows[first[i]][2],
-                    output_tokens=[rows[first[i] + j][3] for j in range(len(doc.choices))],
-                    truncated_tokens_count=max(p[2] for p in per)))
-            return responses
-
-        vllm_engine = None  # set by run_lighteval(backend="vllm"): generation in vLLM
-        vllm_loglik = True  # and log-likelihoods too (False: the Transformers model scores them)
-        gen_batch_size = None  # prompts per HF generate() call (None: batch_size)
-
-        def greedy_until(self, docs):
-            """Generative tasks: lighteval's padded HF loop, or vLLM's scheduler when an engine is set.
-
-            The vLLM branch keeps lighteval's choices for the Transformers path: the prompt is kept whole up to
-            max_length tokens (cut from the left beyond), the generation gets what room is left (at least one
-            token), stops at EOS or a stop string, and its decoded text is cut at the first stop string. (The
-            HF loop sizes the room per padded batch, by its longest prompt; here each document gets its own.)"""
-            if self.vllm_engine is None:
-                # lighteval's loop batches by config.batch_size: swap in the generation batch for this call.
-                old = self.config.batch_size
-                self.config.batch_size = self.gen_batch_size or old
-                try:
-                    return super().greedy_until(docs)
-                finally:
-                    self.config.batch_size = old
-            from .vllm_backend import generate_vllm
-
-            prompts, budgets, stops, cut = [], [], [], []
-            for doc in docs:
-                if (doc.num_samples or 1) > 1:
-                    raise OspEvalError("sampling several generations per document is not supported with vLLM")
-                ids = self.tokenizer(self.prompt_manager.prepare_prompt(doc),
-                                     add_special_tokens=self.add_special_tokens)["input_ids"]
-                cut.append(max(0, len(ids) - self.max_length))
-                ids = ids[-self.max_length:]
-                want = doc.generation_size or self.max_length - len(ids)
-                prompts.append(ids)
-                budgets.append(max(1, min(want, self.max_length - len(ids))))
-                stops.append([self.tokenizer.eos_token, *(doc.stop_sequences or [])])
-            outs = generate_vllm(self.vllm_engine, prompts, budgets, stops)
-            responses = []
-            for ids, gen, st, c in zip(prompts, outs, stops, cut):
-                text = self.tok_decode([gen])[0]
-                for term in st:
-                    text = text.split(term)[0]
-                responses.append(ModelResponse(text=[text], output_tokens=[gen], input_tokens=ids,
-                                               truncated_tokens_count=c, padded_tokens_count=0))
-            return responses
-
-        @torch.no_grad()
-        def _score_rows(self, batch):
-            """[(logprob sum, greedy == continuation, tokens cut)] for rows of (i, j, context, continuation)."""
-            if self.vllm_engine is not None and self.vllm_loglik:
-                from .vllm_backend import score_rows_vllm
-
-                return score_rows_vllm(self.vllm_engine, batch, self.max_length)
-            seqs, conts, cut = [], [], []
-            for _, _, ctx, cont in batch:
-                whole = ctx + cont
-                seq = whole[-(self.max_length + 1):][:-1]  # the last token is only a target
-                cont = cont[-len(seq):] if len(cont) > len(seq) else cont
-                seqs.append(seq)
-                conts.append(cont)
-                cut.append(max(0, len(whole) - 1 - len(seq)))
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-            for r, s in enumerate(seqs):
-                ids[r, : len(s)] = torch.tensor(s)
-            lo = min(len(s) - len(c) for s, c in zip(seqs, conts))
-            hi = max(len(s) for s in seqs)
-            keep = torch.arange(lo, hi, device=self.device)
-            logits = self.model(input_ids=ids.to(self.device), logits_to_keep=keep).logits
-            out = []
-            for r, (s, c) in enumerate(zip(seqs, conts)):
-                start = len(s) - len(c) - lo
-                logp = F.log_softmax(logits[r, start: start + len(c)].float(), dim=-1)
-                target = torch.tensor(c, device=logp.device)
-                total = logp.gather(-1, target[:, None]).sum().item()
-                out.append((total, bool((logp.argmax(-1) == target).all()), cut[r]))
-            return out
-
-    return OspModelConfig, OspLightevalModel
-
-
-# ---------------------------------------------------------------- data
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("OSP_EVAL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "osp-eval")
-    return Path(base).expanduser()
-
-
-def _local_configs(names: list[str], data_dir: Path, progress: bool) -> tuple[list, dict, dict]:
-    """Task configs on local files, each converted once per (its data files, the converter format) into the
-    osp-eval cache: a stable folder, so `datasets` reuses its own Arrow cache. Missing data -> listed skip."""
-    from . import lighteval_tasks as lt
-
-    configs, skipped, notes = [], {}, {}
-    for n in tqdm(names, desc="local data", disable=not progress):
-        # The converted folder is named by the sha256 of the files it was made from: edited data never
-        # reuses an old conversion.
-        stamp = hashlib.sha256(f"format {lt.LOCAL_FORMAT} {task_data_digest(n, data_dir)}".encode())
-        folder = _cache_root() / "lighteval-data" / f"{lt.folder_name(n)}-{stamp.hexdigest()[:12]}"
-        try:
-            configs.append(_converted(n, data_dir, folder))
-        except lt.MissingData as e:
-            skipped[n] = str(e)
-            continue
-        if lt.LOCAL[n].not_exact:
-            notes[n] = lt.LOCAL[n].not_exact
-    return configs, skipped, notes
-
-
-def task_data_digest(name: str, data_dir: Path) -> str | None:
-    """sha256 over the contents of a task's local data files (None when it has none)."""
-    from . import lighteval_tasks as lt
-    from .provenance import digest, file_sha256
-
-    files = [p for rel in lt.LOCAL[name].files for p in sorted(data_dir.glob(rel.replace("<subject>", "*")))]
-    return digest({str(p.relative_to(data_dir)): file_sha256(p) for p in files}) if files else None
-
-
-def _converted(name: str, data_dir: Path, folder: Path):
-    from .lighteval_tasks import local_config, write_local
-
-    if not (folder / "README.md").is_file():
-        tmp = Path(tempfile.mkdtemp(dir=_mkdir(folder.parent), prefix=".tmp-"))
-        try:
-            written = write_local(name, data_dir, tmp)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(written, folder)  # atomic: a concurrent run never reads half a folder
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return local_config(name, folder)
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    return "nccl" if torch.cuda.is_available() and not str(device or "").startswith("cpu") else "gloo"
 
 
 def _offline() -> bool:
@@ -370,13 +163,18 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
                   data_dir=None, max_samples=None, batch_size=DEFAULT_BATCH, max_length=None,
                   output_dir="results", save_details=False, progress=True, save_qmodel_path=None,
                   load_qmodel_path=None, backend="hf", gen_batch_size=None,
-                  loglik_backend=None) -> dict:
+                  loglik_backend=None, devices=None) -> dict:
     """Quantize `model_name` by `cfg` in memory, evaluate `tasks` with lighteval, write lighteval's JSON and
     our summary. Returns the summary record.
+
+    Data parallel (under torchrun, or in `parallel.launch`): every rank quantizes its own replica on
+    cuda:<local rank> (or the CPU) with the same seeds, then takes rank 0's weights (`parallel.broadcast_model`),
+    scores its share of the work, and gets everyone's results; only rank 0 writes files.
 
     backend "vllm": greedy generation runs in a vLLM engine holding the same quantized model
     (osp_eval.vllm_backend); log-likelihoods run where loglik_backend says (default VLLM_LOGLIK_BACKEND,
     the faster one measured; see benchmarks/RESULTS.md)."""
+    from . import parallel
     from .pipeline import load_and_quantize, method_name, model_slug
     from .provenance import now, peak_memory, reset_peak_memory
     from .results import save_result
@@ -384,6 +182,18 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     t_start = time.perf_counter()
     started = now()
     reset_peak_memory()
+    world = parallel.init(backend=_dist_backend(device))
+    device = parallel.device(device)
+    if backend == "vllm" and devices not in (None, 1, "auto"):
+        raise OspEvalError(f"--devices {devices} with the vLLM backend: the vLLM engine holds the model on one GPU")
+    if world.size > 1 and backend == "vllm":
+        # vLLM's in-process engine initialises torch.distributed for itself (a world of one); inside our group of
+        # N it has not been tried on GPUs yet (lighteval_model shards its generation; lift this once it has).
+        raise OspEvalError("data parallelism with the vLLM backend is not supported yet: use --backend hf")
+    if world.size > 1:
+        check_data_parallel(world.size, device, devices)
+        devices = None  # one whole replica per process
+    progress = progress and world.main
     wanted = parse_tasks(tasks)  # fail fast on bad input, before the model loads
     plan = lighteval_plan(model_name, cfg, wanted, gguf_file=gguf_file, dtype=dtype, device=device,
                           data_dir=data_dir, max_samples=max_samples, batch_size=batch_size, max_length=max_length,
@@ -396,11 +206,13 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
 
     from . import lighteval_tasks as lt
+    from .lighteval_model import OspLightevalModel, OspModelConfig  # lighteval: imported here, not at the top
 
     _xxhash_shim()
     names = [n for n, _ in wanted]
     if ddir is not None:
-        configs, skipped, not_exact = _local_configs(names, ddir, progress)
+        with parallel.rank0_first():  # one process converts the data, the others find it converted
+            configs, skipped, not_exact = local_configs(names, ddir, progress)
     else:
         configs, skipped, not_exact = [lt.TASKS[n] for n in names], {}, {}
     for n, why in skipped.items():
@@ -410,15 +222,18 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         raise OspEvalError("no task left to run: " + "; ".join(skipped.values()))
 
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
-                                         data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
-                                         load_qmodel_path=load_qmodel_path, inputs=plan["inputs"],
+                                         data_dir=data_dir, progress=progress,
+                                         save_qmodel_path=save_qmodel_path if world.main else None,
+                                         load_qmodel_path=load_qmodel_path, inputs=plan["inputs"], devices=devices,
                                          offload="off")  # lighteval runs whole-model forwards: no streaming
+    differed = parallel.broadcast_model(model)  # replicas are rank 0's, whatever the kernels did
+    layout = parallel.layout(plan["inputs"].device)
+    layout["tensors_replaced_by_rank0"] = sum(parallel.gather({world.rank: differed}).values())
     method = method_name(cfg)
     slug = model_slug(model_name, gguf_file)
     stem, out = plan["stem"], plan["out"]
     module = types.ModuleType("osp_tasks")
     module.TASKS_TABLE = configs
-    OspModelConfig, OspLightevalModel = _model_classes()
     cache_dir = tempfile.mkdtemp(prefix="osp-lighteval-cache-")  # fresh per evaluation: see the module doc
     vllm_start = None
     try:
@@ -444,6 +259,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         try:
             with _only_our_tasks(), _quiet_datasets():
                 pipeline = Pipeline(tasks=spec, pipeline_parameters=params, evaluation_tracker=tracker, model=lm)
+            _same_order_everywhere(pipeline)
         except Exception as e:  # dataset loading: the hub, a revision, a local folder
             if ddir is not None:
                 raise
@@ -453,7 +269,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         with _quiet_datasets(arrow_cache=os.path.join(cache_dir, "arrow")):
             pipeline.evaluate()
             eval_seconds = time.perf_counter() - t_eval
-            pipeline.save_and_push_results()
+            if world.main:
+                pipeline.save_and_push_results()
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
@@ -478,7 +295,7 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         "tasks": per_task, "skipped": skipped, **bench,
         "max_samples": max_samples, "full_splits": max_samples is None,
         "batch_size": batch_size, "gen_batch_size": gen_batch_size or batch_size, "max_length": max_length,
-        "fewshot_seed": lt.FEWSHOT_SEED, "backend": backend,
+        "fewshot_seed": lt.FEWSHOT_SEED, "backend": backend, "parallel": layout,
         "backends": {"loglikelihood": loglik_backend, "generation": backend},
         "tokenization": "context+continuation tokenized together, then split",
         "data_dir": str(ddir) if ddir else None,
@@ -488,6 +305,8 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
         "identity": plan["identity"],
         "peak_memory": peak_memory(),
     }
+    if not world.main:
+        return record
     try:
         record["result_path"] = str(save_result(record, out, stem, started=started))
     except OSError as e:
@@ -605,10 +424,11 @@ def format_table(r: dict) -> str:
 
 
 def add_lighteval_args(p: argparse.ArgumentParser) -> None:
-    from .cli_args import add_model_args, add_quant_args, positive_int
+    from .cli_args import add_devices_arg, add_model_args, add_quant_args, positive_int
 
     add_model_args(p)
     add_quant_args(p)
+    add_devices_arg(p)
     g = p.add_argument_group("lighteval")
     g.add_argument("--tasks", default=str(REPO_TASKS),
                    help="tasks file (lines suite|task|shots|truncate) or comma-separated task|shots entries")
@@ -630,6 +450,9 @@ def add_lighteval_args(p: argparse.ArgumentParser) -> None:
                    help=f"with --backend vllm: who scores the multiple-choice tasks (default {VLLM_LOGLIK_BACKEND}, "
                         "the faster one measured on an H100; see benchmarks/RESULTS.md)")
     g.add_argument("--save_details", action="store_true", help="also write lighteval's per-sample details")
+    g.add_argument("--data_parallel", type=positive_int, default=1, metavar="N",
+                   help="N processes, one model replica each (one GPU each, or the CPU), each scoring a share of "
+                        "the documents; same numbers as one process. Under torchrun leave it at 1")
 
 
 def weight_method(args) -> str:
@@ -640,15 +463,47 @@ def weight_method(args) -> str:
 
 def action(args) -> None:
     from .cli_args import config_from_args
+    from .parallel import launch
 
     cfg = config_from_args(args, default_method=weight_method(args))
+    if args.data_parallel > 1:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise OspEvalError(f"--data_parallel {args.data_parallel} under torchrun: torchrun already starts the "
+                               "processes; drop one of them")
+        check_data_parallel(args.data_parallel, args.device, args.devices)
+        # Bad input fails here, once, before N processes start (each would import lighteval and load the model).
+        lighteval_plan(args.model, cfg, parse_tasks(args.tasks), gguf_file=args.gguf_file, dtype=args.dtype,
+                       device=args.device, data_dir=args.data_dir, max_samples=args.max_samples,
+                       batch_size=args.batch_size, max_length=args.max_length, output_dir=args.output_dir,
+                       load_qmodel_path=args.load_qmodel_path, backend=args.backend,
+                       gen_batch_size=args.gen_batch_size, loglik_backend=args.loglik_backend)
+    launch(_run_and_print, args.data_parallel, args, cfg, backend=_dist_backend(args.device))
+
+
+def check_data_parallel(n: int, device, devices=None) -> None:
+    """N data-parallel processes, one whole replica each: one GPU per process."""
+    import torch
+
+    if devices not in (None, 1, "auto"):
+        raise OspEvalError(f"--devices {devices} with {n} data-parallel processes: each replica holds one GPU "
+                           "(pipeline sharding and data parallelism do not combine); drop one of them")
+    gpus = torch.cuda.device_count() if _dist_backend(device) == "nccl" else 0
+    if gpus and n > gpus:
+        raise OspEvalError(f"--data_parallel {n}: only {gpus} GPU(s) visible (one replica per GPU)")
+
+
+def _run_and_print(args, cfg) -> None:
+    from .parallel import world
+
     r = run_lighteval(args.model, cfg, tasks=args.tasks, gguf_file=args.gguf_file, dtype=args.dtype,
                       device=args.device, data_dir=args.data_dir, max_samples=args.max_samples,
                       batch_size=args.batch_size, max_length=args.max_length, output_dir=args.output_dir,
                       save_details=args.save_details, progress=not args.no_progress,
                       save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path,
-                      backend=args.backend, gen_batch_size=args.gen_batch_size, loglik_backend=args.loglik_backend)
-    print(format_table(r))
+                      backend=args.backend, gen_batch_size=args.gen_batch_size, loglik_backend=args.loglik_backend,
+                      devices=args.devices)
+    if world().main:
+        print(format_table(r))
 
 
 def build_parser(prog: str = "lighteval_ptq.py") -> argparse.ArgumentParser:

@@ -165,8 +165,11 @@ def offload_plan(inputs: Inputs, dtype="auto", offload: str = "auto") -> dict:
 
 def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", device=None,
                       data_dir=None, progress=True, save_qmodel_path=None, load_qmodel_path=None,
-                      inputs: Inputs | None = None, offload: str = "auto"):
+                      inputs: Inputs | None = None, offload: str = "auto", devices=None):
     """Load a model and apply `cfg` in place. Returns (model, tokenizer, info for the results file).
+
+    `devices` (N or "auto", osp_eval.sharding): shard the model over N GPUs, whole decoder layers each. It is
+    loaded and quantized on the CPU (GPTQ moves one layer at a time to the GPU), then placed.
 
     With `load_qmodel_path`, the weights come from an earlier run's `save_qmodel_path` (no GPTQ again); the
     rotations' online parts and the activation/KV quantizers are installed as usual. `inputs`: an earlier
@@ -177,8 +180,15 @@ def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtyp
 
     inputs = inputs or preflight(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                  data_dir=data_dir, load_qmodel_path=load_qmodel_path)
-    plan = offload_plan(inputs, dtype, offload)
-    if plan["streamed"]:  # the weights load on the CPU, in the dtype they would have on the device
+    from .sharding import place, resolve_devices
+
+    shard = resolve_devices(devices, inputs.config, resolve_dtype(dtype, inputs.device))
+    if shard and offload == "on":
+        raise OspEvalError("--offload on with --devices: choose one (shard over several GPUs, or stream through one)")
+    plan = {"mode": offload, "streamed": False} if shard else offload_plan(inputs, dtype, offload)
+    if shard:  # loaded and quantized on the CPU (GPTQ visits the GPU layer by layer), placed at the end
+        model, tok = load_model(model_name, gguf_file, resolve_dtype(dtype, inputs.device), "cpu")
+    elif plan["streamed"]:  # the weights load on the CPU, in the dtype they would have on the device
         from .arch import get_adapter
         from .offload import stream_model
 
@@ -208,6 +218,8 @@ def load_and_quantize(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtyp
         info["gguf_config"] = model.osp_source["gguf_config"]
     info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     model.osp_config = cfg
+    if shard:
+        info["placement"] = place(model, shard)  # recorded, not part of the identity: it changes no number
     if save_qmodel_path:
         save_qmodel(model, cfg, save_qmodel_path, info, inputs.fingerprint)
     return model, tok, info
@@ -238,7 +250,7 @@ def ppl_result_path(output_dir, model_name: str, cfg: QuantConfig, identity: dic
 def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", device=None, data_dir=None,
                  seqlen=2048, batch_size=4, max_windows=None, output_dir="results", progress=True,
                  save_qmodel_path=None, load_qmodel_path=None, backend="hf", inputs: Inputs | None = None,
-                 data: tuple[str, dict] | None = None, offload: str = "auto") -> dict:
+                 data: tuple[str, dict] | None = None, offload: str = "auto", devices=None) -> dict:
     """WikiText-2 test perplexity of `model_name` quantized by `cfg`: the result record, not yet saved
     (`save_ppl` writes it to record["result_path"]). Everything is checked before any compute.
 
@@ -260,7 +272,8 @@ def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="au
                             backend=backend)
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                          data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
-                                         load_qmodel_path=load_qmodel_path, inputs=inputs, offload=offload)
+                                         load_qmodel_path=load_qmodel_path, inputs=inputs, offload=offload,
+                                         devices=devices)
     ids = tokenize_text(tok, text)
     if backend == "vllm" and info["offload"]["streamed"]:
         raise OspEvalError("--backend vllm needs the whole model on the GPU: use --offload off or --backend hf")

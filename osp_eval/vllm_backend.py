@@ -360,7 +360,7 @@ def perplexity_vllm(engine: VllmEngine, ids: torch.Tensor, seqlen: int = 2048, m
 def score_rows_vllm(engine: VllmEngine, batch, max_length: int):
     """lighteval log-likelihood rows through vLLM: [(logprob sum, greedy == continuation, tokens cut)].
 
-    The same truncation as the Transformers path (`lighteval_run.OspLightevalModel._score_rows`): at most
+    The same truncation as the Transformers path (`lighteval_model.OspLightevalModel._score_rows`): at most
     `max_length` tokens are read, so the prompt holds max_length + 1 (its last token is only a target).
     Greedy means every continuation token has rank 1 among vLLM's log-probs.
     """

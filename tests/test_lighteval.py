@@ -191,7 +191,7 @@ def test_hub_route_requests_the_pinned_datasets(stories_path, data_dir, tmp_path
     local copy, so the run completes through the real pipeline."""
     import lighteval.tasks.lighteval_task as ltask
 
-    from osp_eval import lighteval_run
+    from osp_eval import lighteval_data, lighteval_run
     from osp_eval import lighteval_tasks as lt
 
     monkeypatch.delenv("OSP_EVAL_DATA", raising=False)
@@ -201,7 +201,7 @@ def test_hub_route_requests_the_pinned_datasets(stories_path, data_dir, tmp_path
     def fake_hub(path, name=None, revision=None, **kw):
         requests.append((path, name, revision))
         task = next(n for n, c in lt.TASKS.items() if (c.hf_repo, c.hf_subset) == (path, name))
-        local = lighteval_run._local_configs([task], Path(data_dir), False)[0][0]
+        local = lighteval_data.local_configs([task], Path(data_dir), False)[0][0]
         return real(path=local.hf_repo, name=local.hf_subset)
 
     monkeypatch.setattr(ltask, "load_dataset", fake_hub)
