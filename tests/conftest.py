@@ -15,6 +15,10 @@ STORIES = SHARED / "models" / "stories260K"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Without a GPU, Triton kernels (osp_eval.kernels) run only under its interpreter; set before anything
+    # imports triton, since triton reads it when it decorates the kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
