@@ -8,8 +8,10 @@
 Weights are random (built from the config in bf16, no hub), so PPL only checks that nothing breaks. Windows are
 WikiText-2 test text when --data_dir holds wikitext-2-raw-v1/test.jsonl (tokenized with --tokenizer, else its UTF-8
 bytes taken as token ids: real text, no tokenizer needed), else random tokens; the JSON says which. GPTQ calibrates
-on random tokens (--nsamples × --calib_seqlen). `spinquant` = QuaRot + GPTQ loading a rotation file (random
-Hadamards saved as R.bin): the evaluation path's cost, not rotation training.
+on random tokens (--nsamples × --calib_seqlen). `spinquant` = QuaRot + GPTQ loading a rotation file: with
+--spinquant_steps N, R1/R2 trained first (N steps of 8 calibration windows, time per step and peak memory in the
+row's "spinquant" field; --recompute_rotations and --micro_batch_size as in `osp-eval spinquant-train`), else random
+Hadamards saved as R.bin (the evaluation path's cost only).
 Part 70b: a 70B-shaped model truncated to --layers, streamed and in-GPU: per-layer times, peak memory, whether the
 NLLs agree, and the 80-layer projection (fixed part + 80 × the mean streamed layer time).
 """
@@ -127,6 +129,27 @@ def _peak() -> dict:
             "gpu_peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 3)}
 
 
+def train_spinquant(config, sd, calib, args, device, dtype) -> tuple[str, dict]:
+    """SpinQuant R1/R2 training on the calibration windows: seconds per step, peak memory; R.bin in a temp folder."""
+    from osp_eval.spinquant import prepare_training_model, save_rotations, train_rotations
+
+    info = {"steps": args.spinquant_steps, "batch_size": 8, "micro_batch_size": args.micro_batch_size or 8,
+            "recompute_rotations": args.recompute_rotations}
+    model = fresh(config, sd, dtype, device)
+    cfg = cell_config("spinquant", "4-4-4", nsamples=len(calib), calib_seqlen=calib.shape[1])
+    _sync()
+    t0 = time.perf_counter()
+    rot = prepare_training_model(model, cfg, recompute_rotations=args.recompute_rotations)
+    losses = train_rotations(model, rot, calib, steps=args.spinquant_steps, batch_size=8,
+                             micro_batch_size=args.micro_batch_size, progress=False)
+    _sync()
+    info |= {"train_seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1], **_peak()}
+    info["seconds_per_step"] = info["train_seconds"] / args.spinquant_steps
+    path = save_rotations(Path(tempfile.mkdtemp()) / "R.bin", rot.state())
+    del model, rot
+    return str(path), info
+
+
 def run(config, sd, row: str, streamed: bool, windows, calib, args, device, dtype, rotation=None) -> dict:
     """One row: fresh model (on the CPU and streamed, or on the device), quantize, PPL; times and peak memory."""
     if torch.cuda.is_available():
@@ -134,6 +157,11 @@ def run(config, sd, row: str, streamed: bool, windows, calib, args, device, dtyp
         torch.cuda.reset_peak_memory_stats()
     out = {"row": row, "streamed": streamed}
     try:
+        if row == "spinquant" and args.spinquant_steps:
+            rotation, out["spinquant"] = train_spinquant(config, sd, calib, args, device, dtype)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()  # the row's own peak from here; training's is in "spinquant"
         t0 = time.perf_counter()
         model = fresh(config, sd, dtype, "cpu" if streamed else device)
         if streamed:
@@ -251,6 +279,9 @@ def parse_args(argv=None):
     p.add_argument("--calib_seqlen", type=int, default=2048)
     p.add_argument("--data_dir", default=None, help="folder with wikitext-2-raw-v1/test.jsonl (e.g. .gpu/data)")
     p.add_argument("--tokenizer", default=None, help="tokenize WikiText-2 with this tokenizer (default: UTF-8 bytes)")
+    p.add_argument("--spinquant_steps", type=int, default=0, help="row spinquant: train R1/R2 this many steps first")
+    p.add_argument("--recompute_rotations", action="store_true", help="rotation training keeps no fp32 weight copies")
+    p.add_argument("--micro_batch_size", type=int, default=None, help="rotation training windows per forward (of 8)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (dry run)")
     p.add_argument("--out", default=None, help="JSON file, or a folder for bench_large_<part>.json")
     args = p.parse_args(argv)

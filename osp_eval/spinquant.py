@@ -23,11 +23,13 @@ import argparse
 import dataclasses
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .arch import base_role, get_adapter
@@ -132,9 +134,15 @@ class _Rotated(nn.Module):
         return self.fn(w)
 
 
-def _parametrize(module: nn.Module, name: str, fn, rdtype: torch.dtype) -> None:
+def _parametrize(module: nn.Module, name: str, fn, rdtype: torch.dtype, recompute: bool = False) -> None:
     # Rotate in the rotations' dtype (fp32 for a bf16 model), hand back the model's dtype.
-    parametrize.register_parametrization(module, name, _Rotated(lambda w: fn(w.to(rdtype)).to(w.dtype)))
+    rotated = lambda w: fn(w.to(rdtype)).to(w.dtype)  # noqa: E731
+    if recompute:
+        # Autograd would keep each weight's fp32 copy (the rotation's matmul input) until the backward pass:
+        # twice the model's bf16 size. Checkpointed, only the frozen weight itself is referenced and the fp32
+        # copy is recomputed, one weight at a time, in the backward pass: the same values, the same gradients.
+        rotated = partial(checkpoint, rotated, use_reentrant=False)
+    parametrize.register_parametrization(module, name, _Rotated(rotated))
 
 
 def _weight_ste(fn, cfg: QuantConfig):
@@ -172,8 +180,11 @@ def training_config(cfg: QuantConfig) -> QuantConfig:
 
 
 def prepare_training_model(model: nn.Module, cfg: QuantConfig, r1: torch.Tensor | None = None,
-                           r2s: list[torch.Tensor] | None = None) -> Rotations:
+                           r2s: list[torch.Tensor] | None = None, recompute_rotations: bool = False) -> Rotations:
     """Turn a freshly loaded model into the training model, in place; return its trainable Rotations.
+
+    `recompute_rotations`: keep no fp32 copy of the weights for the backward pass (recompute it there; same
+    gradients bit for bit, one more rotation per weight and step): for models whose fp32 weights do not fit.
 
     R1/R2 default to what `--rotate` would draw (random Hadamards seeded by cfg.rotation_seed, or the
     file in cfg.optimized_rotation_path: a warm start).
@@ -197,8 +208,9 @@ def prepare_training_model(model: nn.Module, cfg: QuantConfig, r1: torch.Tensor 
     rotate_out_norms(model, lambda: rot.r1)  # post-norm families: the gain matrix follows the trainable R1
     hd = dims.head_dim
     wq = (lambda fn: _weight_ste(fn, cfg)) if cfg.w_bits < 16 else (lambda fn: fn)
-    _parametrize(ad.embed(model), "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
-    _parametrize(ad.lm_head(model), "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
+    par = partial(_parametrize, recompute=recompute_rotations)
+    par(ad.embed(model), "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
+    par(ad.lm_head(model), "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
     for i, layer in enumerate(ad.layers(model)):
         lin = ad.linears(layer)
         r2 = rot.r2[i]
@@ -207,18 +219,18 @@ def prepare_training_model(model: nn.Module, cfg: QuantConfig, r1: torch.Tensor 
             if base == "down":
                 fold_input_hadamard(m)  # R4's offline half; commutes with R1ᵀ on the other side
             if base in ("q", "k", "gate", "up"):
-                _parametrize(m, "weight", wq(lambda w: rotate_reader(w, rot.r1)), rdtype)
+                par(m, "weight", wq(lambda w: rotate_reader(w, rot.r1)), rdtype)
             elif base in ("o", "down"):
                 o_cols = (lambda w, r2=r2: rotate_o_cols(rotate_writer(w, rot.r1), r2, hd)) if base == "o" else (
                     lambda w: rotate_writer(w, rot.r1))
-                _parametrize(m, "weight", wq(o_cols), rdtype)
+                par(m, "weight", wq(o_cols), rdtype)
                 if m.bias is not None:
-                    _parametrize(m, "bias", lambda b: rotate_writer(b, rot.r1), rdtype)
-        _parametrize(lin["v"], "weight", wq(lambda w, r2=r2: rotate_v_rows(rotate_reader(w, rot.r1), r2, hd)), rdtype)
+                    par(m, "bias", lambda b: rotate_writer(b, rot.r1), rdtype)
+        par(lin["v"], "weight", wq(lambda w, r2=r2: rotate_v_rows(rotate_reader(w, rot.r1), r2, hd)), rdtype)
         if lin["v"].bias is not None:
-            _parametrize(lin["v"], "bias", lambda b, r2=r2: rotate_v_bias(b, r2, hd), rdtype)
+            par(lin["v"], "bias", lambda b, r2=r2: rotate_v_bias(b, r2, hd), rdtype)
         for router in ad.routers(layer):  # full precision: no weight quantizer
-            _parametrize(router, "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
+            par(router, "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
     install_activation_quant(model, cfg, {"down": OnlineHadamard(cfg.fp32_had)})
     install_kv_quant(model, cfg)
     _set_ste(model)
@@ -306,7 +318,7 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
                     lr: float = 1.5, momentum: float = 0.0, nsamples: int = 800, seqlen: int = 2048,
                     batch_size: int = 8, micro_batch_size: int | None = None, checkpointing: bool = True, gguf_file=None,
                     dtype="auto", device=None, data_dir=None, progress: bool = True,
-                    identity: dict | None = None) -> dict:
+                    identity: dict | None = None, recompute_rotations: bool = False) -> dict:
     """Load `model_name`, learn R1/R2 for `cfg` on calibration windows (cfg.calib_data), save R.bin and
     R.bin.json (metadata: losses, time, peak memory, provenance, and `identity` when a cache keys on it).
     Returns the metadata. Every input is checked before the model loads."""
@@ -330,7 +342,7 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    rot = prepare_training_model(model, cfg)
+    rot = prepare_training_model(model, cfg, recompute_rotations=recompute_rotations)
     losses = train_rotations(model, rot, windows, steps=steps, lr=lr, momentum=momentum, batch_size=batch_size,
                              micro_batch_size=micro_batch_size, checkpointing=checkpointing, progress=progress)
     if torch.cuda.is_available():
@@ -344,6 +356,7 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
         "init": cfg.optimized_rotation_path or f"random Hadamard, seed {cfg.rotation_seed}",
         "steps": steps, "lr": lr, "schedule": "cosine, no warm-up", "momentum": momentum,
         "batch_size": batch_size, "micro_batch_size": micro_batch_size or batch_size, "checkpointing": checkpointing,
+        "recompute_rotations": recompute_rotations,
         "calibration": calib,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "rotation_dtype": str(rot.r1.dtype).replace("torch.", ""),
@@ -367,7 +380,8 @@ def _cli(args) -> None:
                         momentum=args.momentum, nsamples=args.train_nsamples, seqlen=args.train_seqlen,
                         batch_size=args.train_batch_size, micro_batch_size=args.micro_batch_size,
                         checkpointing=args.gradient_checkpointing, gguf_file=args.gguf_file, dtype=args.dtype,
-                        device=args.device, data_dir=args.data_dir, progress=not args.no_progress)
+                        device=args.device, data_dir=args.data_dir, progress=not args.no_progress,
+                        recompute_rotations=args.recompute_rotations)
     mem = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k.startswith("peak_"))
     print(f"spinquant W{cfg.w_bits}A{cfg.a_bits}KV{cfg.k_bits} {args.model}: loss {m['losses'][0]:.4f} -> "
           f"{m['losses'][-1]:.4f} in {m['steps']} steps [{m['train_seconds']:.1f}s, {mem}]")
@@ -395,6 +409,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--micro_batch_size", type=positive_int, default=None,
                    help="windows per forward, with gradient accumulation (default: the whole --train_batch_size)")
     t.add_argument("--gradient_checkpointing", action=BOOL, default=True, help="recompute each decoder layer")
+    t.add_argument("--recompute_rotations", action=BOOL, default=False,
+                   help="keep no fp32 copy of the weights for the backward pass, recompute it there (same gradients; "
+                        "less memory for large models, one more rotation per weight and step)")
     t.add_argument("--save_path", default="R.bin", help="where R.bin goes (metadata: SAVE_PATH.json)")
     p.set_defaults(func=_cli)
     return p

@@ -87,7 +87,8 @@ def _spinquant_rotation(model: str, cfg, inputs, args) -> tuple[str, float]:
         meta = spinquant_train(model, cfg, save_path=str(path), steps=args.spinquant_steps,
                                nsamples=args.spinquant_nsamples, seqlen=args.spinquant_seqlen,
                                data_dir=args.data_dir, device=args.device, dtype=args.dtype,
-                               progress=not args.no_progress, identity=identity)
+                               progress=not args.no_progress, identity=identity,
+                               recompute_rotations=getattr(args, "spinquant_recompute_rotations", False))
     return str(path), meta["train_seconds"]
 
 
@@ -426,6 +427,8 @@ def add_cli(sub) -> None:
     p.add_argument("--spinquant_steps", type=positive_int, default=100, help="rotation training steps (SpinQuant row)")
     p.add_argument("--spinquant_nsamples", type=positive_int, default=800, help="rotation training windows")
     p.add_argument("--spinquant_seqlen", type=positive_int, default=2048, help="rotation training window length")
+    p.add_argument("--spinquant_recompute_rotations", action="store_true",
+                   help="rotation training keeps no fp32 copy of the weights (same rotations; for large models)")
     p.set_defaults(func=lambda a: _cmd(_with_models(a)))
 
 

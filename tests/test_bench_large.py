@@ -33,6 +33,10 @@ def test_tiny_dry_run(tmp_path, data_dir):
     assert len(rows) == 4 and not any("error" in x for x in rows)
     for a, b in zip(rows[::2], rows[1::2]):  # in-GPU then streamed, per row
         assert not a["streamed"] and b["streamed"] and a["nlls"] == b["nlls"]
+    r = bench_large.main(["--tiny", "--models", "llama3-8b", "--rows", "spinquant", "--spinquant_steps", "2",
+                          "--recompute_rotations", "--micro_batch_size", "4", "--out", str(tmp_path)])
+    sq = r["rows"][0]
+    assert "error" not in sq and sq["spinquant"]["steps"] == 2 and sq["spinquant"]["seconds_per_step"] > 0
     r = bench_large.main(["--tiny", "--part", "70b", "--layers", "2"])
     assert r["70b"]["fp_streamed_equals_in_gpu"] and r["70b"]["gptq_streamed_equals_in_gpu"]
     assert r["70b"]["gptq_gptq_projected_80_layers_seconds"] > 0

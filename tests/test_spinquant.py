@@ -220,3 +220,41 @@ def test_cached_checkpointed_gradient_equals_plain_autograd(stories_path, data_d
     assert plain[0].abs().max() > 0
     for a, b in zip(plain, fast):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_recomputed_rotations_same_gradients_less_saved_memory(stories_path, data_dir):
+    """--recompute_rotations: the fp32 copies of a bf16 model's weights are not kept for the backward pass
+    (what autograd keeps while the rotated weights are materialized is, apart from the frozen weights themselves,
+    next to nothing), and the R1/R2 gradients are the plain path's bit for bit."""
+    from torch.nn.utils import parametrize
+
+    from osp_eval.spinquant import _materialize
+
+    def run(recompute):
+        model, tok = load_model(stories_path, dtype=torch.bfloat16, device="cpu")
+        windows, _ = calibration_ids(tok, "c4", 2, 64, 0, data_dir)
+        rot = prepare_training_model(model, preset("osp", w_bits=4, w_method="rtn", **A4KV4),
+                                     recompute_rotations=recompute)
+        model.train()
+        frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        frozen |= {t.untyped_storage().data_ptr() for m in model.modules() if parametrize.is_parametrized(m)
+                   for t in m.parametrizations.values() for t in [t.original]}
+        saved = []
+
+        def pack(t):  # bytes autograd keeps beyond references to the frozen weights
+            if t.untyped_storage().data_ptr() not in frozen:
+                saved.append(t.numel() * t.element_size())
+            return t
+
+        with parametrize.cached():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                _materialize(model)
+            model(input_ids=windows, labels=windows, use_cache=False).loss.backward()
+        return sum(saved), [p.grad.clone() for p in rot.parameters()]
+
+    plain_bytes, plain = run(False)
+    lean_bytes, lean = run(True)
+    assert plain[0].abs().max() > 0
+    for a, b in zip(plain, lean):
+        assert torch.equal(a, b)
+    assert lean_bytes < plain_bytes / 20, (lean_bytes, plain_bytes)
