@@ -10,7 +10,8 @@ from .arch import Dims, base_role, get_adapter
 from .config import QuantConfig
 from .errors import OspEvalError
 from .quant import fake_quant_weight
-from .runtime import ATTN_IMPL, ATTN_IMPLS, ActSpec, KSpec, install_input_transform, install_output_quant, register_attention
+from .runtime import (ATTN_IMPL, ATTN_IMPLS, ActSpec, KSpec, install_input_transform, install_output_quant,
+                      register_attention, share_inputs)
 
 
 def check_compatible(model: nn.Module, cfg: QuantConfig) -> Dims:
@@ -64,10 +65,16 @@ def install_activation_quant(model: nn.Module, cfg: QuantConfig, online: dict[st
     specs = _act_specs(cfg, dims)
     online = online or {}
     for layer in ad.layers(model):
+        readers = {}  # Linears that read the same tensor: q/k/v of an attention, gate/up of an MLP or expert
         for role, linear in ad.linears(layer).items():
-            role = base_role(role)  # every expert's down_proj gets the down_proj transform
-            if cfg.a_bits < 16 or role in online:
-                install_input_transform(linear, specs[role], online.get(role))
+            base = base_role(role)  # every expert's down_proj gets the down_proj transform
+            if cfg.a_bits < 16 or base in online:
+                install_input_transform(linear, specs[base], online.get(base))
+                group = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}.get(base)
+                if group and base not in online:
+                    readers.setdefault((role[len(base):], group), []).append(linear)  # "gate.5" -> ".5"
+        for linears in readers.values():
+            share_inputs(linears)
 
 
 def set_activation_quant(model: nn.Module, enabled: bool) -> None:

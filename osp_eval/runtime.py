@@ -55,8 +55,44 @@ class InputTransform(nn.Module):
         return f"act={self.act}, rotation={self.rotation}"
 
 
+class SharedInput:
+    """The Linears that read one tensor (q/k/v, gate/up) share its transformed copy: the first one computes it,
+    the others take it (the same function of the same tensor, so the same values), the last one lets go of it.
+    Skipped while autograd records (rotation training: one quantizer node instead of three would sum the
+    gradients in another order) and whenever the tensor, its version or the transform differ."""
+
+    def __init__(self, n: int):
+        self.n, self.left, self.key, self.y = n, 0, None, None
+
+    def __call__(self, transform: InputTransform, x: torch.Tensor) -> torch.Tensor:
+        key = (x, x._version, transform.act, transform.rotation, transform.quant_enabled)
+        if self.left and self.key[0] is x and self.key[1:] == key[1:]:
+            y, self.left = self.y, self.left - 1
+            if not self.left:
+                self.key = self.y = None
+            return y
+        y = transform(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.left, self.key, self.y = 0, None, None
+        else:
+            self.left, self.key, self.y = self.n - 1, key, y
+        return y
+
+
 def _input_pre_hook(module: nn.Module, args):
-    return (module.osp_input(args[0]),) + tuple(args[1:])
+    shared = getattr(module, "osp_shared", None)
+    y = module.osp_input(args[0]) if shared is None else shared(module.osp_input, args[0])
+    return (y,) + tuple(args[1:])
+
+
+def share_inputs(linears: list[nn.Linear]) -> None:
+    """Let Linears fed the same tensor, each with an equal InputTransform, quantize it once per call."""
+    shared = SharedInput(len(linears)) if len(linears) > 1 else None
+    for lin in linears:
+        if shared is None:
+            lin.__dict__.pop("osp_shared", None)
+        else:
+            lin.osp_shared = shared
 
 
 def install_input_transform(linear: nn.Linear, act: ActSpec, rotation=None) -> InputTransform:
@@ -71,6 +107,7 @@ def remove_input_transform(linear: nn.Linear) -> None:
         linear.osp_input_hook.remove()
         del linear.osp_input_hook
         del linear.osp_input
+        linear.__dict__.pop("osp_shared", None)
 
 
 class OutputQuant(nn.Module):

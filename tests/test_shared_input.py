@@ -1,0 +1,79 @@
+"""Linears that read the same tensor (q/k/v, gate/up; per expert in MoE) quantize it once per call
+(runtime.SharedInput): the same logits as quantizing it per Linear, fewer quantizer calls, nothing kept after
+the forward, and no sharing while autograd records."""
+
+import pytest
+import torch
+
+import test_families
+import test_moe
+from osp_eval import preset, quantize_
+from osp_eval import quant
+from osp_eval.runtime import SharedInput
+
+CFG = dict(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn", rotate=True, kernels="reference")
+
+
+def _quantized(builder, family):
+    model = builder.build(family, dtype=torch.float32)
+    quantize_(model, preset("osp", **CFG), progress=False)
+    return model
+
+
+def _forward_counting(model, ids, monkeypatch):
+    calls = []
+    ref = quant.fake_quant_act
+    monkeypatch.setattr(quant, "fake_quant_act", lambda *a, **k: calls.append(1) or ref(*a, **k))
+    import osp_eval.runtime as rt
+
+    monkeypatch.setattr(rt, "fake_quant_act", quant.fake_quant_act)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False).logits
+    monkeypatch.undo()
+    return out, len(calls)
+
+
+def _unshare(model):
+    for m in model.modules():
+        m.__dict__.pop("osp_shared", None)
+
+
+@pytest.mark.parametrize("builder, family", [(test_families, "llama3"), (test_families, "phi3"),
+                                             (test_moe, "qwen3_moe")])
+def test_shared_input_quantization_is_exact_and_saves_calls(builder, family, monkeypatch):
+    model = _quantized(builder, family)
+    ids = builder.ids()
+    shared, n_shared = _forward_counting(model, ids, monkeypatch)
+    memos = {id(m.osp_shared): m.osp_shared for m in model.modules() if hasattr(m, "osp_shared")}
+    assert memos and all(s.key is None and s.y is None for s in memos.values())  # nothing held after the forward
+    _unshare(model)
+    alone, n_alone = _forward_counting(model, ids, monkeypatch)
+    assert torch.equal(shared, alone)
+    layers = model.config.num_hidden_layers
+    assert n_alone - n_shared >= 3 * layers  # at least q/k/v (2 saved) and gate/up (1 saved) per layer
+
+
+def test_no_sharing_while_autograd_records():
+    calls = []
+
+    class T:  # an InputTransform stand-in
+        act, rotation, quant_enabled = "a", None, True
+
+        def __call__(self, x):
+            calls.append(1)
+            return x * 2
+
+    s, t = SharedInput(3), T()
+    x = torch.ones(3, requires_grad=True)
+    for _ in range(3):
+        s(t, x)
+    assert len(calls) == 3 and s.key is None
+    with torch.no_grad():
+        for _ in range(3):
+            s(t, x)
+    assert len(calls) == 4 and s.key is None
+    y = torch.ones(3)
+    s(t, y)
+    y.add_(1)  # changed in place: recomputed
+    s(t, y)
+    assert len(calls) == 6
