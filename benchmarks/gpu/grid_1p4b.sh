@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU: the 5-row PPL grid for the random OSP-1.4B-shaped model (results resume in /tmp/res14 across calls on a
+# GPU: the 5-row PPL grid for the random OSP-1.4B-shaped model (results resume in /tmp/res14 across commands on a
 # warm machine). Usage: grid_1p4b.sh METHODS [TIMEOUT_S]. Carry: .gpu/whl, .gpu/data, .gpu/p2.
 set -uo pipefail
 source benchmarks/gpu/_setup.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU call 2 of 2 (after `stage.sh .gpu/p1` put the GGUF's first half in /tmp/gg): SmolLM2-135M at full size.
+# GPU command 2 of 2 (after `stage.sh .gpu/p1` put the GGUF's first half in /tmp/gg): SmolLM2-135M at full size.
 # Carry: .gpu/whl (gguf wheel), .gpu/data (WikiText-2 test, C4 sample), .gpu/p2 (the GGUF's second half).
 set -uo pipefail
 R=$OUT/res; mkdir -p "$R"

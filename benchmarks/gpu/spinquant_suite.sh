@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU call 2 (after `stage.sh .gpu/p1`): SpinQuant step timings, the full 5-row SmolLM2-135M table (C4 calibration),
+# GPU command 2 (after `stage.sh .gpu/p1`): SpinQuant step timings, the full 5-row SmolLM2-135M table (C4 calibration),
 # and the random OSP-1.4B-shaped model saved to /tmp/osp14b for grid_1p4b.sh.
 # Carry: .gpu/whl, .gpu/data, .gpu/p2.
 set -uo pipefail

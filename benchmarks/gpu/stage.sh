@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Stage carried folders on a warm GPU machine (each call carries at most 64 MiB, so big payloads travel over
-# several calls made within the 30 s a machine stays warm): GGUF halves -> /tmp/gg, wheels -> /tmp/py/site-packages
+# Stage carried folders on a warm GPU machine (each command carries at most 64 MiB, so big payloads travel over
+# several commands made within the 30 s a machine stays warm): GGUF halves -> /tmp/gg, wheels -> /tmp/py/site-packages
 # (split wheels from pack_wheels.py are joined first),
 # lighteval data -> /tmp/ldata. Usage: stage.sh .gpu/DIR [.gpu/DIR ...]
 set -euo pipefail
