@@ -221,6 +221,13 @@ def run_lighteval(model_name: str, cfg, *, tasks=str(REPO_TASKS), gguf_file=None
     if not run_tasks:
         raise OspEvalError("no task left to run: " + "; ".join(skipped.values()))
 
+    from .models import resolve_dtype
+    from .offload import check_fits_whole, model_bytes
+    from .sharding import resolve_devices
+
+    inputs, dt = plan["inputs"], resolve_dtype(dtype, plan["inputs"].device)
+    if resolve_devices(devices, inputs.config, dt) is None:  # one replica per process: it must fit one GPU
+        check_fits_whole(model_bytes(inputs.config, dt), inputs.device, "lighteval")
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                          data_dir=data_dir, progress=progress,
                                          save_qmodel_path=save_qmodel_path if world.main else None,

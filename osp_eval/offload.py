@@ -310,6 +310,18 @@ def decide(mode: str, model_bytes: int, device, gpu_bytes: int | None = None, ho
     return mode == "on" or not fits_gpu
 
 
+def check_fits_whole(nbytes: int, device, what: str, gpu_bytes: int | None = None) -> None:
+    """For paths that need the whole model on one GPU (lighteval, vLLM): a one-line error with the numbers when
+    the weights alone exceed the GPU's free memory, instead of a CUDA out-of-memory error mid-load."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    free = gpu_free(device) if gpu_bytes is None else gpu_bytes
+    if nbytes > free:
+        raise OspEvalError(f"{what} needs the whole model on one GPU: its weights need {nbytes / GiB:.1f} GiB and "
+                           f"{device} has {free / GiB:.1f} GiB free; use a larger GPU or --devices N (several GPUs)")
+
+
 def model_bytes(config, dtype: torch.dtype) -> int:
     """Bytes of the model's weights in `dtype`, from its config alone (built on the meta device)."""
     from transformers import AutoModelForCausalLM

@@ -98,6 +98,17 @@ def test_decide():
         decide("sometimes", GiB, "cuda", **kw)
 
 
+def test_whole_model_paths_refuse_what_does_not_fit_one_gpu():
+    from osp_eval.offload import check_fits_whole
+
+    check_fits_whole(16 * GiB, "cuda", "lighteval", gpu_bytes=80 * GiB)
+    check_fits_whole(500 * GiB, "cpu", "lighteval")  # the CPU path has no such limit
+    with pytest.raises(OspEvalError) as e:
+        check_fits_whole(131 * GiB, "cuda:0", "lighteval", gpu_bytes=78 * GiB)
+    msg = str(e.value)
+    assert "\n" not in msg and "131.0 GiB" in msg and "78.0 GiB" in msg and "--devices" in msg
+
+
 def test_offload_is_recorded_not_identity(stories_path, data_dir, tmp_path):
     from osp_eval.pipeline import evaluate_ppl
 
