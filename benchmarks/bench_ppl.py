@@ -4,6 +4,7 @@
   python benchmarks/bench_ppl.py --model smollm2 --data_dir ../shared/data --nwindows 4
   python benchmarks/bench_ppl.py --model tiny --nwindows 2                          # CPU smoke run
   python benchmarks/bench_ppl.py --methods fp,rtn,ffn_had,quarot_rtn --kernels reference,triton   # both paths
+  python benchmarks/bench_ppl.py --methods fp,rtn,ffn_had --kernels triton --cuda_graphs  # + CUDA-graph replays
 
 With several `--kernels`, each quantized model is evaluated by every path in turn (same process, same weights:
 osp_eval.apply.set_kernels switches the quantizers) and the row reports each path's tokens/s, the max abs
@@ -57,6 +58,38 @@ def build(args, device, dtype):
     return load_model(args.model, dtype=dtype, device=device)
 
 
+def graphs_row(model, ids, args, device, row, first_ppl) -> dict:
+    """The same windows through a CUDA graph of the forward (osp_eval.ppl.graphed_forward, captured once, its
+    first replay checked bit for bit against the eager forward): steady-state tokens/s of the replays."""
+    import math
+
+    from osp_eval.ppl import _window_loss, graphed_forward, make_windows
+
+    windows = make_windows(ids, args.seqlen, args.nwindows)
+    full = len(windows) // args.batch_size * args.batch_size
+    out = {**row, "kernels": row["kernels"] + "+graphs", "cuda_graphs": False}
+    with torch.no_grad():
+        run = graphed_forward(model, windows[: args.batch_size].to(device)) if device == "cuda" else None
+        if run is None or full == 0:
+            print(f"{row['method']:12s} {out['kernels']}: no CUDA graph here")
+            return out
+        best, nlls, logits = None, None, None
+        for _ in range(args.repeats):
+            with Timer() as t:
+                parts = []
+                for i in range(0, full, args.batch_size):
+                    batch = windows[i : i + args.batch_size].to(device)
+                    logits = run(batch)
+                    parts.append(_window_loss(logits, batch))
+            best, nlls = min(best or t.seconds, t.seconds), torch.cat(parts)
+    ppl = math.exp(nlls.mean().item())
+    out |= {"cuda_graphs": True, "eval_seconds": best, "tokens": full * args.seqlen,
+            "tokens_per_second": full * args.seqlen / best, "ppl": ppl, "ppl_diff_vs_first": ppl - first_ppl}
+    print(f"{row['method']:12s} {out['kernels']:16s} eval {best:7.2f}s  {out['tokens_per_second']:10.0f} tok/s  "
+          f"ppl {ppl:.4f}  dppl {ppl - first_ppl:.3g}", flush=True)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="random-osp-1.4b")
@@ -67,6 +100,7 @@ def main():
     p.add_argument("--data_dir", default=None)
     p.add_argument("--repeats", type=int, default=2, help="timed passes; the best is reported")
     p.add_argument("--kernels", default="reference", help="comma list of reference|triton|auto, timed side by side")
+    p.add_argument("--cuda_graphs", action="store_true", help="also time each path replaying a CUDA graph")
     args = p.parse_args()
     paths = [k.strip() for k in args.kernels.split(",") if k.strip()]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,6 +142,8 @@ def main():
                   f"{best['tokens_per_second']:10.0f} tok/s  ppl {best['ppl']:.4f}  "
                   f"dlogit {row['max_abs_logit_diff_vs_first']:.3g}  dppl {row['ppl_diff_vs_first']:.3g}  "
                   f"peak {peak} GiB", flush=True)
+            if args.cuda_graphs:
+                rows.append(graphs_row(model, ids, args, device, row, first_ppl))
         del model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     by = {(r["method"], r["kernels"]): r for r in rows}

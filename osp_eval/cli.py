@@ -20,7 +20,8 @@ def _ppl(args) -> int:
                      data_dir=args.data_dir, seqlen=args.seqlen, batch_size=args.batch_size,
                      max_windows=args.max_windows, output_dir=args.output_dir, progress=not args.no_progress,
                      save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path,
-                     backend=args.backend, offload=args.offload, devices=args.devices)
+                     backend=args.backend, offload=args.offload, devices=args.devices,
+                     cuda_graphs=args.cuda_graphs)
     part = "" if r["all_windows"] else f" (first {r['nwindows']} of {r['windows_available']} windows)"
     if not r["data"]["is_reference_split"]:
         part += (f" (NOT the reference WikiText-2 test split: {r['data']['rows']} rows, sha256 "
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--batch_size", type=positive_int, default=4)
     pp.add_argument("--max_windows", type=positive_int, default=None,
                     help="evaluate only the first N windows (smoke tests)")
+    pp.add_argument("--cuda_graphs", action="store_true",
+                    help="replay the forward as a CUDA graph (checked bit for bit against the eager forward first; "
+                         "changes no number)")
     pp.add_argument("--backend", choices=("hf", "vllm"), default="hf",
                     help="score windows with Transformers (hf) or a vLLM engine (vllm; quantization is the same)")
     add_offload_arg(pp)

@@ -250,12 +250,15 @@ def ppl_result_path(output_dir, model_name: str, cfg: QuantConfig, identity: dic
 def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="auto", device=None, data_dir=None,
                  seqlen=2048, batch_size=4, max_windows=None, output_dir="results", progress=True,
                  save_qmodel_path=None, load_qmodel_path=None, backend="hf", inputs: Inputs | None = None,
-                 data: tuple[str, dict] | None = None, offload: str = "auto", devices=None) -> dict:
+                 data: tuple[str, dict] | None = None, offload: str = "auto", devices=None,
+                 cuda_graphs: bool = False) -> dict:
     """WikiText-2 test perplexity of `model_name` quantized by `cfg`: the result record, not yet saved
     (`save_ppl` writes it to record["result_path"]). Everything is checked before any compute.
 
     backend "vllm" quantizes with Transformers as usual, then scores the windows in a vLLM engine.
     `offload` (auto|on|off, see load_and_quantize) is recorded but is not part of the identity: it changes no number.
+    `cuda_graphs`: replay the forward as a CUDA graph (ppl.graphed_forward: used only where it matched the eager
+    forward bit for bit; the record's "cuda_graphs" says whether it ran); not part of the identity either.
     """
     from .provenance import now, peak_memory, reset_peak_memory
 
@@ -284,7 +287,7 @@ def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="au
         res = perplexity_vllm(engine, ids, seqlen, max_windows, batch_size, progress)
         res["vllm_start_seconds"] = engine.start_seconds
     else:
-        res = perplexity(model, ids, seqlen, batch_size, max_windows, progress)
+        res = perplexity(model, ids, seqlen, batch_size, max_windows, progress, cuda_graphs)
     # full_split: every window of the reference split, not just of whatever file was given.
     res["all_windows"] = res["full_split"]
     res["full_split"] = res["all_windows"] and bool(data_info["is_reference_split"])

@@ -41,18 +41,62 @@ def _window_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     return loss.view(len(batch), -1).float().mean(1).cpu()
 
 
+def graphed_forward(model, batch: torch.Tensor):
+    """The model's forward on `batch`'s shape as a CUDA graph (no Python, hooks or launches per replay), or None.
+    Used only after one replay gave the eager forward's logits bit for bit on `batch`; a capture that fails or
+    differs is a warning, and the eager forward stays."""
+    import warnings
+
+    try:
+        static = batch.clone()
+        eager = model(input_ids=batch, use_cache=False).logits.clone()  # also runs every one-time check first
+        side = torch.cuda.Stream(batch.device)
+        side.wait_stream(torch.cuda.current_stream(batch.device))
+        with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture requires
+            model(input_ids=static, use_cache=False)
+        torch.cuda.current_stream(batch.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = model(input_ids=static, use_cache=False).logits
+        graph.replay()
+        if not torch.equal(logits, eager):
+            warnings.warn("osp_eval: the CUDA-graph forward differs from the eager one; evaluating eagerly")
+            return None
+    except Exception as e:  # e.g. an op that cannot be captured
+        warnings.warn(f"osp_eval: no CUDA graph for this model ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                      "evaluating eagerly")
+        return None
+
+    def run(b: torch.Tensor) -> torch.Tensor:
+        static.copy_(b)
+        graph.replay()
+        return logits  # overwritten by the next replay: use before calling again
+
+    return run
+
+
 @torch.no_grad()
-def window_nlls(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
-    """Mean next-token cross-entropy of each window (fp32 tensor [nwindows])."""
+def window_nlls(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+                cuda_graphs: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy of each window (fp32 tensor [nwindows]). `cuda_graphs`: full batches replay
+    a captured CUDA graph of the forward (checked bit for bit against the eager forward first; see
+    `graphed_forward`); sets `model.osp_cuda_graphs` to whether they did."""
     from .offload import is_streamed
 
+    model.osp_cuda_graphs = False
     if is_streamed(model):
         return streamed_window_nlls(model, windows, batch_size, progress)
     device = next(model.parameters()).device
+    run = None
+    if cuda_graphs and device.type == "cuda" and len(windows) >= batch_size:
+        run = graphed_forward(model, windows[:batch_size].to(device))
+        model.osp_cuda_graphs = run is not None
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc="PPL", disable=not progress, leave=False):
         batch = windows[i : i + batch_size].to(device)
-        out.append(_window_loss(model(input_ids=batch, use_cache=False).logits, batch))
+        logits = run(batch) if run is not None and len(batch) == batch_size else model(input_ids=batch,
+                                                                                          use_cache=False).logits
+        out.append(_window_loss(logits, batch))
     return torch.cat(out)
 
 
@@ -87,14 +131,15 @@ def streamed_window_nlls(model, windows: torch.Tensor, batch_size: int = 4, prog
 
 
 def perplexity(model, ids: torch.Tensor, seqlen: int = 2048, batch_size: int = 4, max_windows: int | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, cuda_graphs: bool = False) -> dict:
     check_seqlen(model.config, seqlen)
     windows = make_windows(ids, seqlen, max_windows)
     t0 = time.perf_counter()
-    nlls = window_nlls(model, windows, batch_size, progress)
+    nlls = window_nlls(model, windows, batch_size, progress, cuda_graphs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return ppl_record(nlls, windows, ids, seqlen, max_windows, time.perf_counter() - t0)
+    return {**ppl_record(nlls, windows, ids, seqlen, max_windows, time.perf_counter() - t0),
+            "cuda_graphs": model.osp_cuda_graphs}
 
 
 def ppl_record(nlls: torch.Tensor, windows: torch.Tensor, ids: torch.Tensor, seqlen: int, max_windows: int | None,

@@ -183,7 +183,8 @@ def run_table(args) -> dict:
                                    seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
                                    output_dir=args.output_dir, progress=not args.no_progress,
                                    save_qmodel_path=str(qpath) if qpath else None, inputs=inputs, data=data,
-                                   offload=getattr(args, "offload", "auto"))
+                                   offload=getattr(args, "offload", "auto"),
+                                   cuda_graphs=getattr(args, "cuda_graphs", False))
                 save_ppl(rec)
                 rec["cached"] = False
             # Compute time of the cell (model loading excluded): rotation training + quantization + evaluation.
@@ -416,6 +417,8 @@ def add_cli(sub) -> None:
     p.add_argument("--kernels", choices=("reference", "triton", "auto"), default=None,
                    help="activation quantizers: reference, triton (bit-identical fused kernel) or auto (default)")
     add_offload_arg(p)
+    p.add_argument("--cuda_graphs", action="store_true",
+                   help="PPL: replay the forward as a CUDA graph (checked bit for bit first; changes no number)")
     p.add_argument("--batch_size", type=positive_int, default=4, help="PPL windows per forward")
     p.add_argument("--max_windows", type=positive_int, default=None, help="only the first N windows (partial numbers)")
     p.add_argument("--tasks", default=None,

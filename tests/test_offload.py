@@ -121,3 +121,6 @@ def test_offload_is_recorded_not_identity(stories_path, data_dir, tmp_path):
     assert on["ppl"] == off["ppl"]
     for r in (on, off):
         assert r["peak_memory"]["host_peak_rss_gb"] > 0
+    graphs = evaluate_ppl(stories_path, cfg, cuda_graphs=True, **kw)  # a CUDA-only speed path: recorded, no-op here
+    assert graphs["cuda_graphs"] is False and off["cuda_graphs"] is False
+    assert graphs["identity"] == off["identity"] and graphs["ppl"] == off["ppl"]
