@@ -281,24 +281,30 @@ def peak_columns(r: dict | None, le: dict) -> dict:
             "streamed": ((r or {}).get("offload") or {}).get("streamed")}
 
 
-def _peak_md(labels, bits_list, methods, rows) -> list[str]:
-    """The "Peak memory" section: GPU peak allocated / host peak RSS (GiB) of each cell's PPL run."""
-    md = ["# Peak memory", "", "GPU peak allocated / host peak RSS in GiB of each cell's PPL run (quantization "
-          "included; host RSS is the process's peak so far; * = layer-streamed; cached cells show their original run).",
-          ""]
+def _grid_md(labels, bits_list, methods, rows, cell) -> list[str]:
+    """One markdown table per bit setting, methods as rows, models as columns; `cell(row)` renders a cell."""
+    md = []
     for bits in bits_list:
         md += [f"## W-A-KV {bits}", "", "| Method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
         for meth in methods:
-            cells = []
-            for label in labels:
-                r = next(x for x in rows if x["model"] == label and x["bits"] == bits and x["method"] == meth)
-                g, h = r["gpu_peak_allocated_gb"], r["host_peak_rss_gb"]
-                cells.append("-" if g is None and h is None else
-                             f"{'-' if g is None else f'{g:.2f}'} / {'-' if h is None else f'{h:.2f}'}"
-                             f"{' *' if r['streamed'] else ''}")
+            cells = [cell(next(x for x in rows if x["model"] == label and x["bits"] == bits and x["method"] == meth))
+                     for label in labels]
             md.append(f"| {ROW_NAMES.get(meth, meth)} | " + " | ".join(cells) + " |")
         md.append("")
     return md
+
+
+def _peak_md(labels, bits_list, methods, rows) -> list[str]:
+    """The "Peak memory" section: GPU peak allocated / host peak RSS (GiB) of each cell's PPL run."""
+
+    def cell(r):
+        g, h = r["gpu_peak_allocated_gb"], r["host_peak_rss_gb"]
+        return ("-" if g is None and h is None else
+                f"{'-' if g is None else f'{g:.2f}'} / {'-' if h is None else f'{h:.2f}'}{' *' if r['streamed'] else ''}")
+
+    return ["# Peak memory", "", "GPU peak allocated / host peak RSS in GiB of each cell's PPL run (quantization "
+            "included; host RSS is the process's peak so far; * = layer-streamed; cached cells show their original "
+            "run).", ""] + _grid_md(labels, bits_list, methods, rows, cell)
 
 
 def pct(v) -> str:
@@ -312,17 +318,8 @@ def _lighteval_md(args, slugs, bits_list, methods, rows) -> list[str]:
                                                       else ", full splits") + ")", "",
           "Average accuracy (%) over the benchmarks scored on exact data; in brackets, including the not-exact local "
           "copies. Per-task numbers: the lighteval_result files.", ""]
-    for bits in bits_list:
-        md += [f"## W-A-KV {bits}", "", "| Method | " + " | ".join(slugs) + " |", "|---|" + "---:|" * len(slugs)]
-        for meth in methods:
-            cells = []
-            for slug in slugs:
-                r = next(x for x in rows if x["model"] == slug and x["bits"] == bits and x["method"] == meth)
-                cells.append("failed" if r["lighteval_result"] is None else
-                             f"{pct(r['lighteval_average'])} ({pct(r['lighteval_average_all'])})")
-            md.append(f"| {ROW_NAMES.get(meth, meth)} | " + " | ".join(cells) + " |")
-        md.append("")
-    return md
+    return md + _grid_md(slugs, bits_list, methods, rows, lambda r: "failed" if r["lighteval_result"] is None else
+                         f"{pct(r['lighteval_average'])} ({pct(r['lighteval_average_all'])})")
 
 
 def table_figure(slugs: list[str], bits_list: list[str], methods: list[str], rows: list[dict], subtitle: str):
