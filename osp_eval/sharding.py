@@ -11,6 +11,8 @@ from __future__ import annotations
 from torch import nn
 
 from .errors import OspEvalError
+from .offload import gpu_free
+from .offload import model_bytes as config_bytes
 
 GIB = 2**30
 
@@ -102,9 +104,7 @@ def device_map(model: nn.Module, plan: list[list[int]], devices: list[str]) -> d
 
 def cuda_capacities(devices: list[str], headroom: float = 0.85) -> list[int]:
     """Bytes of weights each GPU should hold: its free memory less room for activations and the KV cache."""
-    import torch
-
-    return [int(torch.cuda.mem_get_info(torch.device(d))[0] * headroom) for d in devices]
+    return [int(gpu_free(d) * headroom) for d in devices]
 
 
 def place(model: nn.Module, devices: list[str], capacities: list[int] | None = None) -> dict:
@@ -125,16 +125,6 @@ def place(model: nn.Module, devices: list[str], capacities: list[int] | None = N
             "gib": [round(b / GIB, 3) for b in load]}
 
 
-def estimate_bytes(config, dtype) -> int:
-    """Bytes of a model's weights from its config alone (built on the meta device: no memory, no files)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return sum(t.numel() for t in {id(p): p for p in model.parameters()}.values()) * dtype.itemsize
-
-
 def resolve_devices(devices, config, dtype) -> list[str] | None:
     """`--devices N|auto` -> the GPUs to shard over (None: the model stays on one device). auto shards over every
     visible GPU only when the weights alone would take more than one GPU's capacity."""
@@ -144,7 +134,7 @@ def resolve_devices(devices, config, dtype) -> list[str] | None:
         return None
     gpus = torch.cuda.device_count()
     if devices == "auto":
-        if gpus < 2 or estimate_bytes(config, dtype) <= cuda_capacities(["cuda:0"])[0]:
+        if gpus < 2 or config_bytes(config, dtype) <= cuda_capacities(["cuda:0"])[0]:
             return None
         return [f"cuda:{i}" for i in range(gpus)]
     n = int(devices)
