@@ -49,20 +49,19 @@ def _check_args(cols: int, groupsize: int, act_order: bool, static_groups: bool)
                          "on the original contiguous columns before the columns are reordered)")
 
 
-def _block_kernel(kernels: str, device: torch.device, fma: bool | None) -> bool | None:
-    """The fma flag of the Triton block loop to use, or None for the reference loop."""
+def _block_kernel(kernels: str, W: torch.Tensor, fma: bool | None) -> bool | None:
+    """The fma flag of the Triton block loop to use for W, or None for the reference loop."""
     if kernels == "reference":
         return None
     from . import kernels as K
 
     K.check_kernels(kernels)
     if kernels == "auto":
-        return K.gptq_variant(device) if device.type == "cuda" and K.triton_available() else None
-    if not (device.type == "cuda" or K._interpret()):
-        raise OspEvalError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1): use --kernels auto")
+        return K.gptq_variant(W.device) if W.is_cuda and K.triton_available() else None
+    K.use_triton(kernels, W)  # "triton" without CUDA (or the interpreter) is a one-line error there
     if fma is not None:
         return fma
-    v = K.gptq_variant(device) if device.type == "cuda" else False
+    v = K.gptq_variant(W.device) if W.is_cuda else False
     return False if v is None else v
 
 
@@ -144,7 +143,7 @@ def gptq_quantize_weight(
     elif static_groups:
         group_of = [c // groupsize for c in (perm.tolist() if perm is not None else range(cols))]
 
-    fast = _block_kernel(kernels, Wt.device, fma) if groupsize <= 0 else None
+    fast = _block_kernel(kernels, Wt, fma) if groupsize <= 0 else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, V1 = Wt[i1:i2], V[i1:i2, i1:i2]
