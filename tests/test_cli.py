@@ -74,3 +74,33 @@ def test_script_1_prints_a_finite_ppl(stories_path, tmp_path):
 def test_gptq_offline_without_wikitext_train_names_c4(stories_path, data_dir):
     r = osp_eval("ppl", stories_path, "--w_bits", "4", "--seqlen", "256", "--data_dir", data_dir)
     assert_clean_error(r, "--calib_data c4")
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["ppl", "STORIES", "--kernels", "fast"], ["--kernels", "reference"]),
+        (["ppl", "STORIES", "--offload", "sometimes"], ["--offload", "auto"]),
+        (["ppl", "STORIES", "--devices", "0"], ["--devices"]),
+        (["ppl", "STORIES", "--devices", "2", "--seqlen", "256"], ["--devices 2", "CUDA device"]),
+        (["table", "STORIES", "--offload", "sometimes"], ["--offload"]),
+        (["kurtosis", "STORIES", "--offload", "sometimes"], ["--offload"]),
+        (["lighteval", "STORIES", "--data_parallel", "0"], ["--data_parallel"]),
+    ],
+)
+def test_new_flags_bad_input_is_one_line_exit_2(args, needles, stories_path, data_dir):
+    args = [stories_path if a == "STORIES" else a for a in args]
+    r = osp_eval(*args, "--data_dir", data_dir)
+    assert_clean_error(r, *needles)
+    assert r.returncode == 2
+
+
+def test_kernels_triton_without_a_gpu_is_one_line_exit_2(stories_path, data_dir):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the tests' interpreter would run it
+    r = subprocess.run([sys.executable, "-m", "osp_eval", "ppl", stories_path, "--w_bits", "4", "--w_rtn",
+                        "--kernels", "triton", "--seqlen", "256", "--data_dir", data_dir], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert_clean_error(r, "--kernels triton", "CUDA")
+    assert r.returncode == 2
