@@ -11,6 +11,10 @@ Differences from the reference (the first three change nothing beyond float roun
   weight (GPTQ treats rows independently).
 - A group's calibration forward stops once the group's Linears have run.
 - Layer-call arguments (mask, positions, position_embeddings) are kept per batch, not the last batch's.
+- On CUDA with `--kernels triton|auto` (the GPU default) three steps trade bit-identity for speed, each equal in
+  exact arithmetic: bf16 inputs' Hessians on TF32 tensor cores (exact products, fp32 sums), H⁻¹'s Cholesky factor
+  from one Cholesky and a triangular inverse, and the lazy block update from a contiguous transposed factor.
+  `--kernels reference` (the CPU default) is the reference arithmetic.
 - Dynamic groups: blocks are aligned to whole groups so a group is fitted on fully updated weights. The
   reference fits a group that starts inside a 128-column block (groupsize < 128, e.g. 64) on weights
   lacking that block's earlier updates; multiples of 128 agree. act_order with dynamic groups is refused.
@@ -19,6 +23,7 @@ Differences from the reference (the first three change nothing beyond float roun
 from __future__ import annotations
 
 
+import contextlib
 import logging
 import time
 from functools import partial
@@ -65,11 +70,21 @@ def _block_kernel(kernels: str, W: torch.Tensor, fma: bool | None) -> bool | Non
     return False if v is None else v
 
 
-def _inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ (the reference: cholesky, cholesky_inverse, cholesky upper)."""
-    L, info = torch.linalg.cholesky_ex(H)
-    if info.item() == 0:
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+def _inverse_cholesky_upper(H: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU).
+
+    Reference: cholesky, cholesky_inverse, cholesky upper (three O(n³) steps). `fast`: one Cholesky and one
+    triangular inverse, equal in exact arithmetic: with J the order-reversing permutation, chol(J H J) = L gives
+    H = Ũ Ũᵀ with Ũ = J L J upper triangular, so H⁻¹ = Ũ⁻ᵀ Ũ⁻¹ and U = Ũ⁻¹ (upper, positive diagonal)."""
+    if fast:
+        L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+        if info.item() == 0:
+            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+            return torch.linalg.solve_triangular(L.flip(0, 1), eye, upper=True)
+    else:
+        L, info = torch.linalg.cholesky_ex(H)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
     if info.item() != 0:
         raise OspEvalError("GPTQ: the damped Hessian is not positive definite: raise --percdamp or use more "
                            "calibration samples")
@@ -100,7 +115,8 @@ def gptq_quantize_weight(
 
     `kernels` "triton"/"auto" run each block's column loop (per-row scales) as one Triton launch instead of
     ~10 launches per column, with the same arithmetic (`fma`: how the update rounds; auto uses the kernel only
-    where it reproduced this loop bit for bit, see kernels.gptq_variant).
+    where it reproduced this loop bit for bit, see kernels.gptq_variant). On CUDA they also take H⁻¹'s factor
+    from one Cholesky (`_inverse_cholesky_upper(fast=True)`): equal in exact arithmetic, not bit for bit.
     """
     if bits >= 16:
         return W
@@ -126,11 +142,15 @@ def gptq_quantize_weight(
         perm = torch.argsort(H.diagonal(), descending=True)
         W0, H = W0[:, perm], H[perm][:, perm]
     H.diagonal().add_(percdamp * H.diagonal().mean())
-    U = _inverse_cholesky_upper(H)
+    gpu_fast = kernels != "reference" and W.is_cuda
+    U = _inverse_cholesky_upper(H, fast=gpu_fast)
     del H
     # Row i of U divided by U_ii: propagating (w - q) along it is the reference's err = (w - q)/U_ii times U[i].
     V = U / U.diagonal()[:, None]
     del U
+    # The lazy update multiplies by V[i1:i2, i2:]ᵀ; a transposed strided view sends cuBLAS to slow unaligned
+    # SIMT kernels, a contiguous copy of Vᵀ (made once) does not.
+    Vt = V.t().contiguous() if gpu_fast else None
 
     # Work transposed: one weight column is then one contiguous row, updated in place.
     Wt = W0.t().contiguous()
@@ -166,7 +186,7 @@ def gptq_quantize_weight(
             W1[i + 1 :].addr_(V1[i, i + 1 :], E1[i], alpha=-1)
             w.copy_(q)  # W1 becomes the quantized block
         # Lazy batch update: the later columns receive this block's errors in one product.
-        Wt[i2:].addmm_(V[i1:i2, i2:].t(), E1, alpha=-1)
+        Wt[i2:].addmm_(V[i1:i2, i2:].t() if Vt is None else Vt[i2:, i1:i2], E1, alpha=-1)
 
     Q = Wt.t()
     if perm is not None:
@@ -175,6 +195,20 @@ def gptq_quantize_weight(
 
 
 # --------------------------------------------------------------------------- Hessians of a layer's Linears
+
+
+@contextlib.contextmanager
+def _matmul_tf32(on: bool):
+    """CUDA fp32 matmuls on TF32 tensor cores inside the block (when `on`), the global setting restored after."""
+    if not on:
+        yield
+        return
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def _new_hessian(n: int, device) -> torch.Tensor:
@@ -190,9 +224,10 @@ class HessianHooks:
     these inputs (each Linear runs once per forward in the Llama layout).
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], stop_early: bool = True):
+    def __init__(self, linears: dict[str, nn.Linear], stop_early: bool = True, tf32: bool = False):
         self.linears = linears
         self.stop_early = stop_early
+        self.tf32 = tf32  # bf16 inputs on CUDA: x xᵀ on TF32 tensor cores (see _accumulate)
         self.hessians: dict[str, torch.Tensor] = {}  # keyed by the first role that saw each input
         self.nsamples: dict[str, int] = {}
         self.key_of: dict[str, str] = {}  # role -> key of its Hessian
@@ -217,13 +252,18 @@ class HessianHooks:
         # Samples in the running mean: windows of a dense layer (all of one length), or tokens for an expert,
         # whose calls carry as many rows as tokens were routed to it.
         b = x.shape[0]
+        # A bf16 value is exact in TF32 (8 of its 10 mantissa bits), so TF32 tensor cores form every product
+        # x_i·x_j exactly and accumulate in fp32: the same sum as the fp32 SIMT GEMM up to summation order,
+        # several times faster. Not for fp16/fp32 inputs, which TF32 would round.
+        tf32 = self.tf32 and x.is_cuda and x.dtype == torch.bfloat16
         x = x.reshape(-1, x.shape[-1]).float()
         n = self.nsamples.get(key, 0)
         H = self.hessians.get(key)
         if H is None:
             H = self.hessians[key] = _new_hessian(x.shape[1], x.device)
         # H <- n/(n+b)·H + 2/(n+b)·Σ x xᵀ over the batch's tokens: the reference's running mean.
-        H.addmm_(x.t(), x, beta=n / (n + b), alpha=2 / (n + b))
+        with _matmul_tf32(tf32):
+            H.addmm_(x.t(), x, beta=n / (n + b), alpha=2 / (n + b))
         self.nsamples[key] = n + b
 
     def start_forward(self) -> None:
@@ -261,7 +301,7 @@ def _quantize_group(layer: nn.Module, index: int, linears: dict[str, nn.Linear],
     calibration samples behind its Hessian (windows; tokens for an expert), and the method: "gptq", or RTN for
     an expert that no calibration token reached (without a Hessian GPTQ is undefined: the RTN recipe, clip search
     included, is the fallback)."""
-    hooks = HessianHooks(linears, stop_early=not any("." in r for r in linears))
+    hooks = HessianHooks(linears, stop_early=not any("." in r for r in linears), tf32=cfg.kernels != "reference")
     try:
         run_layer(layer, index, inps, calls, hooks=hooks)
     finally:

@@ -388,3 +388,28 @@ def test_quantize_gptq_end_to_end(stories_path, stories_calib, data_dir):
     (g3, rtn3), (g4, rtn4) = res[3], res[4]
     assert fp < g3 < 0.85 * rtn3, res
     assert fp < g4 < 1.05 * rtn4, res
+
+
+@pytest.mark.parametrize("n", [1, 7, 128])
+def test_fast_inverse_factor_is_the_upper_cholesky_of_the_inverse(n):
+    """The GPU fast path's one-Cholesky factor U: upper triangular, positive diagonal, UᵀU = H⁻¹, and equal to
+    the reference's three-step factor (checked in float64, against an independent inverse)."""
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(3 * n + 2, n, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, n, dtype=torch.float64)
+    H = X.T @ X + 1e-3 * torch.eye(n, dtype=torch.float64)
+    U = gptq._inverse_cholesky_upper(H, fast=True)
+    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(H), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(U, gptq._inverse_cholesky_upper(H), rtol=1e-9, atol=1e-12)
+    with pytest.raises(OspEvalError, match="not positive definite"):
+        gptq._inverse_cholesky_upper(-H, fast=True)
+
+
+def test_tf32_switch_is_local():
+    before = torch.backends.cuda.matmul.allow_tf32
+    with gptq._matmul_tf32(True):
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    with pytest.raises(ValueError), gptq._matmul_tf32(True):
+        raise ValueError
+    assert torch.backends.cuda.matmul.allow_tf32 == before
