@@ -106,18 +106,21 @@ def main():
         layer_s = stats.get("layer_seconds", [])
         weights = {k: v for k, v in model.state_dict().items() if k.endswith("proj.weight")}
         if first is None:
-            first, same, maxdiff = weights, None, None
+            first, same, maxdiff, frac = weights, None, None, None
         else:
             same = all(torch.equal(weights[k], first[k]) for k in first)
             maxdiff = max((weights[k].float() - first[k].float()).abs().max().item() for k in first)
+            frac = sum((weights[k] != first[k]).sum().item() for k in first) / sum(v.numel() for v in first.values())
         print(f"GPTQ W4 {name} kernels={kernels}: {nsamples}x{seqlen} tokens, {len(layer_s)} layers, "
               f"rotate_down_proj={args.rotate_down_proj}: {seconds:.1f} s (build {build_seconds:.1f} s), per layer "
               f"{sum(layer_s) / max(1, len(layer_s)):.2f} s, batch {stats.get('batch_size')}, offload "
               f"{stats.get('offload')}, peak GPU memory {peak if peak is None else f'{peak:.2f} GiB'}"
-              + ("" if same is None else f", weights identical to the first path: {same} (max |diff| {maxdiff:g})"))
+              + ("" if same is None else f", weights identical to the first path: {same} (max |diff| {maxdiff:g}, "
+                 f"{frac:.2e} of the weights differ)"))
         runs.append({"kernels": kernels, "config": cfg.to_dict(), "seconds": seconds, "build_seconds": build_seconds,
                      "peak_gpu_gib": peak, "gptq_stats": stats, "identical_to_first": same,
-                     "max_abs_diff_to_first": maxdiff})
+                     "max_abs_diff_to_first": maxdiff,
+                     "fraction_differing_from_first": frac})
         del model, weights
     record = {
         "benchmark": "gptq", "model": name, "nsamples": nsamples, "seqlen": seqlen, "dtype": str(dtype),
