@@ -15,6 +15,10 @@ Memory (1.4B on one 80 GB GPU): bf16 frozen weights (2.8 GB), fp32 rotations, mi
 `micro_batch_size` windows with gradient accumulation up to `train_batch_size`, and activation
 checkpointing per decoder layer (on by default): a layer's rotated weights and quantizer intermediates
 are recomputed in backward instead of being held for all layers at once.
+
+Speed on a GPU (kernels triton/auto, bf16 weights): the R1 products W·R1 / R1ᵀ·W run as two TF32 tensor-core
+GEMMs each (`rotation_matmul`: bf16 weights are exact in TF32 and R1 is split into two TF32 halves, so only
+~2⁻²¹ of R1 is rounded away) and keep only the bf16 weight for backward; `--kernels reference` keeps fp32 GEMMs.
 """
 
 from __future__ import annotations
@@ -134,9 +138,50 @@ class _Rotated(nn.Module):
         return self.fn(w)
 
 
+def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 x = hi + lo exactly, hi with TF32's 10 mantissa bits (the low 13 bits cleared): lo is what is left."""
+    hi = (x.view(torch.int32) & ~0x1FFF).view(torch.float32)
+    return hi, x - hi
+
+
+def _mm_split(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b for fp32 a exact in TF32 (bf16 values): a·b_hi + a·b_lo, two TF32 tensor-core GEMMs whose products are
+    exact; only lo's own TF32 rounding is lost (~2⁻²¹ of b), near fp32 accuracy at a fraction of an fp32 GEMM."""
+    from .gptq import _matmul_tf32
+
+    hi, lo = tf32_split(b)
+    with _matmul_tf32(True):
+        return torch.addmm(a @ hi, a, lo)
+
+
+class _FrozenRotation(torch.autograd.Function):
+    """w·r for a frozen bf16 weight w and a trainable fp32 rotation r, on TF32 tensor cores (see _mm_split).
+    Backward saves only w itself (no fp32 copy) and returns dL/dr = wᵀ·G, G split the same way."""
+
+    @staticmethod
+    def forward(ctx, w, r):
+        ctx.save_for_backward(w)
+        return _mm_split(w.float(), r)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return None, _mm_split(w.float().T, grad.contiguous()) if ctx.needs_input_grad[1] else None
+
+
+def rotation_matmul(weight: torch.Tensor, rdtype: torch.dtype, kernels: str = "auto"):
+    """(w, r) -> w·r in rdtype for the frozen weights of this model: the split-TF32 GEMM for bf16 weights on a
+    GPU unless kernels is "reference" (products exact, fp32 sums; the weight rotations dominate a large model's
+    training step), else w·r in fp32."""
+    if kernels != "reference" and weight.is_cuda and weight.dtype == torch.bfloat16 and rdtype == torch.float32:
+        return _FrozenRotation.apply
+    return lambda w, r: w.to(rdtype) @ r
+
+
 def _parametrize(module: nn.Module, name: str, fn, rdtype: torch.dtype, recompute: bool = False) -> None:
-    # Rotate in the rotations' dtype (fp32 for a bf16 model), hand back the model's dtype.
-    rotated = lambda w: fn(w.to(rdtype)).to(w.dtype)  # noqa: E731
+    # fn takes the frozen tensor in the model's dtype and rotates in the rotations' dtype (fp32 for a bf16 model);
+    # the model's dtype is handed back.
+    rotated = lambda w: fn(w).to(w.dtype)  # noqa: E731
     if recompute:
         # Autograd would keep each weight's fp32 copy (the rotation's matmul input) until the backward pass:
         # twice the model's bf16 size. Checkpointed, only the frozen weight itself is referenced and the fp32
@@ -209,8 +254,15 @@ def prepare_training_model(model: nn.Module, cfg: QuantConfig, r1: torch.Tensor 
     hd = dims.head_dim
     wq = (lambda fn: _weight_ste(fn, cfg)) if cfg.w_bits < 16 else (lambda fn: fn)
     par = partial(_parametrize, recompute=recompute_rotations)
-    par(ad.embed(model), "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
-    par(ad.lm_head(model), "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
+    mm = rotation_matmul(weight, rdtype, cfg.kernels)
+    if mm is _FrozenRotation.apply:
+        reader = lambda w: mm(w, rot.r1)  # noqa: E731
+        writer = lambda w: mm(w.T, rot.r1).T.contiguous()  # R1ᵀ·W = (Wᵀ·R1)ᵀ  # noqa: E731
+    else:
+        reader = lambda w: rotate_reader(w.to(rdtype), rot.r1)  # noqa: E731
+        writer = lambda w: rotate_writer(w.to(rdtype), rot.r1)  # noqa: E731
+    par(ad.embed(model), "weight", reader, rdtype)
+    par(ad.lm_head(model), "weight", reader, rdtype)
     for i, layer in enumerate(ad.layers(model)):
         lin = ad.linears(layer)
         r2 = rot.r2[i]
@@ -219,18 +271,17 @@ def prepare_training_model(model: nn.Module, cfg: QuantConfig, r1: torch.Tensor 
             if base == "down":
                 fold_input_hadamard(m)  # R4's offline half; commutes with R1ᵀ on the other side
             if base in ("q", "k", "gate", "up"):
-                par(m, "weight", wq(lambda w: rotate_reader(w, rot.r1)), rdtype)
+                par(m, "weight", wq(reader), rdtype)
             elif base in ("o", "down"):
-                o_cols = (lambda w, r2=r2: rotate_o_cols(rotate_writer(w, rot.r1), r2, hd)) if base == "o" else (
-                    lambda w: rotate_writer(w, rot.r1))
+                o_cols = (lambda w, r2=r2: rotate_o_cols(writer(w), r2, hd)) if base == "o" else writer
                 par(m, "weight", wq(o_cols), rdtype)
                 if m.bias is not None:
-                    par(m, "bias", lambda b: rotate_writer(b, rot.r1), rdtype)
-        par(lin["v"], "weight", wq(lambda w, r2=r2: rotate_v_rows(rotate_reader(w, rot.r1), r2, hd)), rdtype)
+                    par(m, "bias", lambda b: rotate_writer(b.to(rdtype), rot.r1), rdtype)
+        par(lin["v"], "weight", wq(lambda w, r2=r2: rotate_v_rows(reader(w), r2, hd)), rdtype)
         if lin["v"].bias is not None:
-            par(lin["v"], "bias", lambda b, r2=r2: rotate_v_bias(b, r2, hd), rdtype)
+            par(lin["v"], "bias", lambda b, r2=r2: rotate_v_bias(b.to(rdtype), r2, hd), rdtype)
         for router in ad.routers(layer):  # full precision: no weight quantizer
-            par(router, "weight", lambda w: rotate_reader(w, rot.r1), rdtype)
+            par(router, "weight", reader, rdtype)
     install_activation_quant(model, cfg, {"down": OnlineHadamard(cfg.fp32_had)})
     install_kv_quant(model, cfg)
     _set_ste(model)

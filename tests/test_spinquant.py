@@ -258,3 +258,41 @@ def test_recomputed_rotations_same_gradients_less_saved_memory(stories_path, dat
     for a, b in zip(plain, lean):
         assert torch.equal(a, b)
     assert lean_bytes < plain_bytes / 20, (lean_bytes, plain_bytes)
+
+
+def test_tf32_split_is_exact_and_tf32_representable():
+    from osp_eval.spinquant import tf32_split
+
+    x = torch.randn(257, generator=torch.Generator().manual_seed(0)) * torch.logspace(-20, 20, 257)
+    hi, lo = tf32_split(x)
+    assert torch.equal(hi + lo, x)  # nothing lost
+    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all()  # hi fits TF32's 10 mantissa bits
+    assert (lo.abs() <= x.abs() * 2**-10).all()
+
+
+def test_frozen_rotation_forward_and_gradient():
+    """The split GEMM behind GPU rotation training: w·r and dL/dr = wᵀ·G, checked against plain fp32 autograd (on
+    the CPU the two halves run in fp32; on a GPU the same algebra runs on TF32 tensor cores)."""
+    from osp_eval.spinquant import _FrozenRotation
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 32, generator=g).to(torch.bfloat16)
+    r = torch.linalg.qr(torch.randn(32, 32, generator=g))[0].requires_grad_(True)
+    upstream = torch.randn(48, 32, generator=g)
+    out = _FrozenRotation.apply(w, r)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), r)
+    r_ref = r.detach().clone().requires_grad_(True)
+    ref = w.float() @ r_ref
+    (grad_ref,) = torch.autograd.grad((ref * upstream).sum(), r_ref)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5)
+    # writer form: R1ᵀ·W = (Wᵀ·R1)ᵀ
+    w2 = w.T.contiguous()  # [hidden, n]
+    torch.testing.assert_close(_FrozenRotation.apply(w2.T, r).T, r.detach().T @ w2.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_rotation_matmul_is_plain_off_the_gpu():
+    from osp_eval.spinquant import _FrozenRotation, rotation_matmul
+
+    w = torch.randn(4, 4, dtype=torch.bfloat16)
+    assert rotation_matmul(w, torch.float32) is not _FrozenRotation.apply
