@@ -60,7 +60,9 @@ def graphed_forward(model, batch: torch.Tensor):
             logits = model(input_ids=static, use_cache=False).logits
         graph.replay()
         if not torch.equal(logits, eager):
-            warnings.warn("osp_eval: the CUDA-graph forward differs from the eager one; evaluating eagerly")
+            diff = (logits.float() - eager.float()).abs().max().item()
+            warnings.warn(f"osp_eval: the CUDA-graph forward differs from the eager one (max |Δlogit| {diff:.3g}); "
+                          "evaluating eagerly")
             return None
     except Exception as e:  # e.g. an op that cannot be captured
         warnings.warn(f"osp_eval: no CUDA graph for this model ({type(e).__name__}: {str(e).splitlines()[0]}); "
