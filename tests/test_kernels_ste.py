@@ -204,9 +204,10 @@ def test_auto_checks_the_backward(monkeypatch):
         assert not K._auto_grad_ok.__wrapped__(torch.device("cpu"))
 
 
-def test_rotation_training_step_uses_the_kernel():
-    """A tiny Llama prepared for SpinQuant training (W16A4KV4): --kernels triton gives the reference's loss bit
-    for bit and its R1/R2 gradients to 1e-4."""
+def test_rotation_training_step_uses_the_kernel(monkeypatch):
+    """A tiny Llama prepared for SpinQuant training (W16A4KV4): with --kernels triton every activation, K and V
+    quantizer's backward is the kernel's, the loss is the reference's bit for bit and the R1/R2 gradients
+    agree to 1e-4."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from osp_eval import preset
@@ -226,8 +227,14 @@ def test_rotation_training_step_uses_the_kernel():
         loss.backward()
         return loss.detach(), [p.grad for p in rot.parameters()]
 
+    calls = []
+    grad = K.fake_quant_act_triton_grad
+    monkeypatch.setattr(K, "fake_quant_act_triton_grad", lambda *a: calls.append(a[2:]) or grad(*a))
     ref_loss, ref = step("reference")
+    assert not calls
     loss, got = step("triton")
+    # per layer: the inputs of q, k, v, gate, up (each its own node under autograd), down; o_proj per head; K; V
+    assert len(calls) == 2 * 9 and {c[3] for c in calls} == {-1, 16}
     assert torch.equal(loss, ref_loss)
     for a, b in zip(got, ref):
         assert b.abs().max() > 0 and K.grad_close(a, b, 1e-4)
