@@ -39,7 +39,9 @@ def main():
     p.add_argument("--no_checkpointing", action="store_true")
     p.add_argument("--kernels", default="reference",
                    help="comma list of reference|triton|auto: each setting is trained from the same start per path "
-                        "(training keeps the reference quantizers wherever a gradient flows: expect equal losses)")
+                        "(triton: the activation/K/V quantizers' forward and backward run as Triton kernels; the "
+                        "same forward values, the gradient up to fp32 summation order: expect the first step's loss "
+                        "equal, later ones close)")
     args = p.parse_args()
     paths = [k.strip() for k in args.kernels.split(",") if k.strip()]
     device = "cuda" if torch.cuda.is_available() else "cpu"

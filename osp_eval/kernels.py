@@ -11,6 +11,10 @@ op order is replicated:
 - fp32 -> bf16 rounds half to even on the bits (as .to(torch.bfloat16));
 - no fp contraction (enable_fp_fusion=False): `hi*c - lo*c` must not become an fma.
 
+Rotation training (`ste=True` with a gradient) runs `fake_quant_act_ste`: the same forward, and a backward
+kernel that recomputes each row's range from x and returns the reference's autograd gradient (straight-through
+rounding plus the terms through the scale and zero point into the row's min and max) up to fp32 summation order.
+
 The online Hadamard stays `hadamard.hadamard_transform` (its factor matmuls fix the summation order);
 only the quantizer that follows it runs here.
 """
@@ -45,15 +49,16 @@ def check_kernels(kernels: str) -> None:
         raise OspEvalError("--kernels triton: triton does not import here; use --kernels reference (or auto)")
 
 
-def use_triton(kernels: str, x: torch.Tensor) -> bool:
-    """Whether `kernels` sends this tensor to the Triton kernel (else the reference runs)."""
+def use_triton(kernels: str, x: torch.Tensor, backward: bool = False) -> bool:
+    """Whether `kernels` sends this tensor to the Triton kernel (else the reference runs); `backward`: also
+    its gradient (rotation training)."""
     if kernels == "reference" or triton is None or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     if kernels == "triton":
         if not (x.is_cuda or _interpret()):
             raise OspEvalError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1): use --kernels auto")
         return True
-    return x.is_cuda and _auto_ok(x.device)  # auto
+    return x.is_cuda and _auto_ok(x.device) and (not backward or _auto_grad_ok(x.device))  # auto
 
 
 def resolve_kernels(kernels: str, device) -> str:
@@ -80,6 +85,46 @@ if tl is not None:
         return tl.math.div_rn(v, maxq)
 
     @triton.jit
+    def _grid(lo, hi, clip, maxq, inv_maxq, SYM: tl.constexpr, ZERO_IN_RANGE: tl.constexpr, CLIP: tl.constexpr,
+              RECIP: tl.constexpr):
+        """Per-row scale and zero point (0 for sym) from the row's min and max, as the reference computes them."""
+        if ZERO_IN_RANGE:
+            lo = tl.minimum(lo, 0.0)
+            hi = tl.maximum(hi, 0.0)
+        if CLIP:
+            lo = lo * clip
+            hi = hi * clip
+        if SYM:
+            amax = tl.maximum(tl.abs(lo), hi)
+            scale = _over(amax, maxq, inv_maxq, RECIP)
+            scale = tl.where(amax == 0, 1.0, scale)
+            zero = tl.zeros_like(scale)
+        else:
+            if ZERO_IN_RANGE:  # an all-zero row gets the range [-1, 1]
+                both_zero = (lo == 0) & (hi == 0)
+                lo = tl.where(both_zero, -1.0, lo)
+                hi = tl.where(both_zero, 1.0, hi)
+                scale = _over(hi - lo, maxq, inv_maxq, RECIP)
+            else:
+                scale = _over(tl.maximum(hi - lo, 1e-5), maxq, inv_maxq, RECIP)
+            zero = _rint(tl.math.div_rn(-lo, scale))
+        return scale, zero
+
+    @triton.jit
+    def _codes(x, scale, zero, maxq, SYM: tl.constexpr):
+        """x / scale, its clamped integer code (zero point included) and whether the clamp let it through."""
+        t = tl.math.div_rn(x, scale)
+        if SYM:
+            v = _rint(t)
+            inside = (v >= -(maxq + 1.0)) & (v <= maxq)
+            q = tl.minimum(tl.maximum(v, -(maxq + 1.0)), maxq)
+        else:
+            v = _rint(t) + zero
+            inside = (v >= 0.0) & (v <= maxq)
+            q = tl.minimum(tl.maximum(v, 0.0), maxq)
+        return t, q, inside
+
+    @triton.jit
     def _fake_quant_rows(x_ptr, y_ptr, M, G, clip, maxq, inv_maxq,
                          SYM: tl.constexpr, ZERO_IN_RANGE: tl.constexpr, CLIP: tl.constexpr,
                          RECIP: tl.constexpr, BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -91,30 +136,13 @@ if tl is not None:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         lo = tl.min(tl.where(mask, x, float("inf")), axis=1)
         hi = tl.max(tl.where(mask, x, float("-inf")), axis=1)
-        if ZERO_IN_RANGE:
-            lo = tl.minimum(lo, 0.0)
-            hi = tl.maximum(hi, 0.0)
-        if CLIP:
-            lo = lo * clip
-            hi = hi * clip
+        scale, zero = _grid(lo, hi, clip, maxq, inv_maxq, SYM, ZERO_IN_RANGE, CLIP, RECIP)
+        scale = scale[:, None]
+        _, q, _ = _codes(x, scale, zero[:, None], maxq, SYM)
         if SYM:
-            amax = tl.maximum(tl.abs(lo), hi)
-            scale = _over(amax, maxq, inv_maxq, RECIP)
-            scale = tl.where(amax == 0, 1.0, scale)[:, None]
-            q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, scale)), -(maxq + 1.0)), maxq)
             y = q * scale
         else:
-            if ZERO_IN_RANGE:  # an all-zero row gets the range [-1, 1]
-                both_zero = (lo == 0) & (hi == 0)
-                lo = tl.where(both_zero, -1.0, lo)
-                hi = tl.where(both_zero, 1.0, hi)
-                scale = _over(hi - lo, maxq, inv_maxq, RECIP)
-            else:
-                scale = _over(tl.maximum(hi - lo, 1e-5), maxq, inv_maxq, RECIP)
-            zero = _rint(tl.math.div_rn(-lo, scale))[:, None]
-            scale = scale[:, None]
-            q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, scale)) + zero, 0.0), maxq)
-            y = (q - zero) * scale
+            y = (q - zero[:, None]) * scale
         if BF16:
             y = _to_bf16(y)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -128,6 +156,98 @@ if tl is not None:
         return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+    @triton.jit
+    def _range_grad(lo, hi, S, C, scale, clip, maxq, inv_maxq, SYM: tl.constexpr, ZERO_IN_RANGE: tl.constexpr,
+                    CLIP: tl.constexpr, RECIP: tl.constexpr):
+        """d loss / d (row min, row max) from S and C (see fake_quant_act_ste), along _grid's steps backwards."""
+        lo0, hi0 = lo, hi
+        if ZERO_IN_RANGE:
+            lo = tl.minimum(lo, 0.0)
+            hi = tl.maximum(hi, 0.0)
+        if CLIP:
+            lo = lo * clip
+            hi = hi * clip
+        if SYM:
+            a = tl.abs(lo)
+            d = tl.where(tl.maximum(a, hi) == 0, 0.0, _over(S, maxq, inv_maxq, RECIP))  # there scale = 1
+            da = tl.where(a > hi, d, tl.where(a == hi, 0.5 * d, 0.0))  # torch.maximum halves a tie
+            d_hi = tl.where(hi > a, d, tl.where(a == hi, 0.5 * d, 0.0))
+            d_lo = tl.where(lo < 0, -da, da)  # d|lo|/dlo (at lo = 0, da = 0)
+        else:
+            if ZERO_IN_RANGE:
+                keep = (lo != 0) | (hi != 0)  # an all-zero row's [-1, 1] is a constant
+                lo = tl.where(keep, lo, -1.0)
+            else:
+                keep = hi - lo >= 1e-5  # clamp(min=1e-5) passes the gradient at and above its bound
+            u = tl.math.div_rn(-lo, scale)
+            d_hi = tl.where(keep, _over(S + u * C, maxq, inv_maxq, RECIP), 0.0)
+            d_lo = C - d_hi  # an all-zero row has C = 0: its codes are z, inside
+        if CLIP:
+            d_lo = d_lo * clip
+            d_hi = d_hi * clip
+        if ZERO_IN_RANGE:  # clamp(max=0) / clamp(min=0) pass the gradient at 0 too
+            d_lo = tl.where(lo0 <= 0, d_lo, 0.0)
+            d_hi = tl.where(hi0 >= 0, d_hi, 0.0)
+        return d_lo, d_hi
+
+    @triton.jit
+    def _fake_quant_rows_grad(x_ptr, g_ptr, dx_ptr, M, G, clip, maxq, inv_maxq,
+                              SYM: tl.constexpr, ZERO_IN_RANGE: tl.constexpr, CLIP: tl.constexpr,
+                              RECIP: tl.constexpr, BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+        """d loss / d x of quant.fake_quant_act(ste=True), x and the upstream gradient g viewed as [M, G]. Three
+        passes over BLOCK_G-column chunks of each row: its min/max and how many elements attain them; the
+        sums S and C; d x."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        live = rows < M
+        base = rows[:, None].to(tl.int64) * G
+        lo = tl.full([BLOCK_M], float("inf"), tl.float32)
+        hi = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        n_lo = tl.zeros([BLOCK_M], tl.float32)
+        n_hi = tl.zeros([BLOCK_M], tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            cols = c0 + tl.arange(0, BLOCK_G)
+            mask = live[:, None] & (cols[None, :] < G)
+            x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            c_lo = tl.min(tl.where(mask, x, float("inf")), axis=1)
+            c_hi = tl.max(tl.where(mask, x, float("-inf")), axis=1)
+            k_lo = tl.sum(tl.where(mask & (x == c_lo[:, None]), 1.0, 0.0), axis=1)
+            k_hi = tl.sum(tl.where(mask & (x == c_hi[:, None]), 1.0, 0.0), axis=1)
+            n_lo = tl.where(c_lo < lo, k_lo, tl.where(c_lo == lo, n_lo + k_lo, n_lo))
+            n_hi = tl.where(c_hi > hi, k_hi, tl.where(c_hi == hi, n_hi + k_hi, n_hi))
+            lo = tl.minimum(lo, c_lo)
+            hi = tl.maximum(hi, c_hi)
+        lo = tl.where(live, lo, 0.0)  # rows past M (never stored): keep their arithmetic finite
+        hi = tl.where(live, hi, 0.0)
+        scale, zero = _grid(lo, hi, clip, maxq, inv_maxq, SYM, ZERO_IN_RANGE, CLIP, RECIP)
+        scale2, zero2 = scale[:, None], zero[:, None]
+        S = tl.zeros([BLOCK_M], tl.float32)
+        C = tl.zeros([BLOCK_M], tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            cols = c0 + tl.arange(0, BLOCK_G)
+            mask = live[:, None] & (cols[None, :] < G)
+            x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            t, q, inside = _codes(x, scale2, zero2, maxq, SYM)
+            S += tl.sum(g * (q - zero2 - tl.where(inside, t, 0.0)), axis=1)
+            if not SYM:
+                C += tl.sum(tl.where(inside, 0.0, g), axis=1)
+        d_lo, d_hi = _range_grad(lo, hi, S, C, scale, clip, maxq, inv_maxq, SYM, ZERO_IN_RANGE, CLIP, RECIP)
+        d_lo = (d_lo / tl.maximum(n_lo, 1.0))[:, None]  # amin/amax share the gradient evenly among ties
+        d_hi = (d_hi / tl.maximum(n_hi, 1.0))[:, None]
+        for c0 in range(0, G, BLOCK_G):
+            cols = c0 + tl.arange(0, BLOCK_G)
+            mask = live[:, None] & (cols[None, :] < G)
+            offs = base + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            _, _, inside = _codes(x, scale2, zero2, maxq, SYM)
+            dx = tl.where(inside, tl.math.div_rn(g * scale2, scale2), 0.0)  # (g·s)/s, as autograd computes it
+            dx = dx + tl.where(x == lo[:, None], d_lo, 0.0) + tl.where(x == hi[:, None], d_hi, 0.0)
+            if BF16:
+                dx = _to_bf16(dx)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 def _launch_shape(g: int) -> tuple[int, int, int]:
     block_g = triton.next_power_of_2(g)
     block_m = max(1, min(64, 4096 // block_g))
@@ -135,60 +255,124 @@ def _launch_shape(g: int) -> tuple[int, int, int]:
     return block_m, block_g, warps
 
 
-def fake_quant_act_triton(x: torch.Tensor, bits: int, sym: bool = False, clip_ratio: float = 1.0,
-                          groupsize: int = -1, zero_in_range: bool | None = None) -> torch.Tensor:
-    """quant.fake_quant_act (same arguments, same result bits) as one Triton kernel; no autograd."""
-    if bits >= 16:
-        return x
+# The backward kernel walks each row in chunks of at most this many elements (three passes), so that rows of any
+# length (down_proj inputs of 32K) keep a bounded register tile.
+GRAD_TILE = 4096
+
+
+def _grad_launch_shape(g: int) -> tuple[int, int, int]:
+    block_g = min(triton.next_power_of_2(g), GRAD_TILE)
+    block_m = max(1, min(64, GRAD_TILE // block_g))
+    return block_m, block_g, 4 if block_m * block_g <= 2048 else 8
+
+
+def _rows(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float, groupsize: int, zero_in_range: bool | None):
+    """x as [m, g] rows with their own scale, and the kernels' scalar and constexpr arguments."""
     if zero_in_range is None:
         zero_in_range = groupsize <= 0
     n = x.shape[-1]
     g = groupsize if groupsize > 0 else n
     if n % g:
         raise ValueError(f"activation groupsize {groupsize} does not divide dimension {n}")
+    maxq = float(2 ** (bits - 1) - 1 if sym else 2**bits - 1)
+    flags = dict(SYM=bool(sym), ZERO_IN_RANGE=bool(zero_in_range), CLIP=clip_ratio != 1.0, RECIP=x.is_cuda,
+                 BF16=x.dtype == torch.bfloat16)
+    return x.numel() // g, g, (float(clip_ratio), maxq, 1.0 / maxq), flags
+
+
+def fake_quant_act_triton(x: torch.Tensor, bits: int, sym: bool = False, clip_ratio: float = 1.0,
+                          groupsize: int = -1, zero_in_range: bool | None = None) -> torch.Tensor:
+    """quant.fake_quant_act (same arguments, same result bits) as one Triton kernel; no autograd."""
+    if bits >= 16:
+        return x
+    m, g, scalars, flags = _rows(x, bits, sym, clip_ratio, groupsize, zero_in_range)
     xc = x.contiguous()
     y = torch.empty_like(xc)
-    m = xc.numel() // g
     if m == 0:
         return y
-    maxq = float(2 ** (bits - 1) - 1 if sym else 2**bits - 1)
     block_m, block_g, warps = _launch_shape(g)
     _fake_quant_rows[(triton.cdiv(m, block_m),)](
-        xc, y, m, g, float(clip_ratio), maxq, 1.0 / maxq,
-        SYM=bool(sym), ZERO_IN_RANGE=bool(zero_in_range), CLIP=clip_ratio != 1.0, RECIP=xc.is_cuda, BF16=xc.dtype == torch.bfloat16,
-        BLOCK_M=block_m, BLOCK_G=block_g, num_warps=warps, enable_fp_fusion=False,
+        xc, y, m, g, *scalars, **flags, BLOCK_M=block_m, BLOCK_G=block_g, num_warps=warps, enable_fp_fusion=False,
     )
     return y
 
 
+def fake_quant_act_triton_grad(x: torch.Tensor, grad: torch.Tensor, bits: int, sym: bool = False,
+                               clip_ratio: float = 1.0, groupsize: int = -1,
+                               zero_in_range: bool | None = None) -> torch.Tensor:
+    """d loss / d x of quant.fake_quant_act(x, ..., ste=True) given d loss / d out = `grad` (x's shape and
+    dtype): the reference's autograd gradient up to fp32 summation order, from x alone (the row ranges are
+    recomputed), in one Triton kernel."""
+    if bits >= 16:
+        return grad
+    m, g, scalars, flags = _rows(x, bits, sym, clip_ratio, groupsize, zero_in_range)
+    xc, gc = x.contiguous(), grad.contiguous()
+    dx = torch.empty_like(xc)
+    if m == 0:
+        return dx
+    block_m, block_g, warps = _grad_launch_shape(g)
+    _fake_quant_rows_grad[(triton.cdiv(m, block_m),)](
+        xc, gc, dx, m, g, *scalars, **flags, BLOCK_M=block_m, BLOCK_G=block_g, num_warps=warps,
+        enable_fp_fusion=False,
+    )
+    return dx
+
+
 class _FakeQuantSTE(torch.autograd.Function):
-    """Kernel forward, straight-through backward (d out / d x = 1: the scale gets no gradient)."""
+    """Kernel forward and backward of quant.fake_quant_act(ste=True); saves only x."""
 
     @staticmethod
     def forward(ctx, x, bits, sym, clip_ratio, groupsize, zero_in_range):
+        ctx.save_for_backward(x)
+        ctx.args = (bits, sym, clip_ratio, groupsize, zero_in_range)
         return fake_quant_act_triton(x, bits, sym, clip_ratio, groupsize, zero_in_range)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return grad, None, None, None, None, None
+        (x,) = ctx.saved_tensors
+        return fake_quant_act_triton_grad(x, grad, *ctx.args), None, None, None, None, None
 
 
 def fake_quant_act_ste(x: torch.Tensor, bits: int, sym: bool = False, clip_ratio: float = 1.0,
                        groupsize: int = -1, zero_in_range: bool | None = None) -> torch.Tensor:
-    """Differentiable kernel quantizer with a pure straight-through gradient. Not what `ste=True` of the
-    reference computes (its rounding is straight-through, but the gradient also flows through the scale and
-    zero point, i.e. the token's min/max), so the runtime keeps the reference wherever a gradient is needed."""
+    """quant.fake_quant_act(..., ste=True) as an autograd Function over the two kernels: the same values bit for
+    bit, the reference's gradient up to fp32 rounding (summation order).
+
+    That gradient, per row x_1..x_G in fp32 (one token, or one group of a token) and upstream g_j: with
+    t_j = x_j / s, v_j = round(t_j) + z (z = 0 for sym), q_j = clamp(v_j) and p_j = [v_j within the clamp
+    bounds, bounds included], rounding is straight-through but s and z depend on the row's min and max:
+
+        dx_j = g_j p_j + [x_j = min] dlo / #min + [x_j = max] dhi / #max    (amin/amax split ties evenly)
+        S = sum_j g_j (q_j - z - p_j t_j)     d loss / d s through y = (q - z) s and t = x / s
+        C = sum_j g_j (1 - p_j)               asym: d loss / d z = -s C, the clamped codes' share
+
+    and (dlo, dhi) follow lo, hi -> (zero_in_range: lo = min(lo, 0), hi = max(hi, 0)) -> times clip -> s, z back:
+    - asym: s = (hi - lo) / maxq, z = round(u), u = -lo / s: dr = (S + u C) / maxq, dhi = dr, dlo = C - dr.
+      zero_in_range: an all-zero row's range is the constant [-1, 1] (no gradient); without it (groupwise),
+      hi - lo is clamped at 1e-5: below that dr = 0 and only dlo = C remains;
+    - sym: s = max(|lo|, hi) / maxq: da = S / maxq (0 where the maximum is 0: s = 1 there), all to the larger
+      of |lo| and hi, half to each on a tie; dlo = da sign(lo);
+    - then times clip, and with zero_in_range only where lo <= 0 (hi >= 0): clamp passes its bound.
+    """
+    if bits >= 16:
+        return x
     return _FakeQuantSTE.apply(x, bits, sym, clip_ratio, groupsize, zero_in_range)
 
 
 def fake_quant_act(x: torch.Tensor, bits: int, sym: bool = False, clip_ratio: float = 1.0, groupsize: int = -1,
                    zero_in_range: bool | None = None, ste: bool = False, kernels: str = "reference"):
-    """quant.fake_quant_act through the kernel `kernels` picks for x; identical values either way. A pass that
-    needs gradients (rotation training) keeps the reference, whose gradient the kernel does not reproduce."""
+    """quant.fake_quant_act through the kernel `kernels` picks for x; identical values either way. Where a
+    gradient is needed, `ste=True` (rotation training) runs the kernels' autograd Function (the reference's
+    gradient up to fp32 rounding); without `ste` the reference's own graph stays."""
     from .quant import fake_quant_act as reference
 
-    if bits < 16 and use_triton(kernels, x) and not (torch.is_grad_enabled() and x.requires_grad):
-        return fake_quant_act_triton(x, bits, sym, clip_ratio, groupsize, zero_in_range)
+    if bits < 16:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            if use_triton(kernels, x):
+                return fake_quant_act_triton(x, bits, sym, clip_ratio, groupsize, zero_in_range)
+        elif ste and use_triton(kernels, x, backward=True):
+            return _FakeQuantSTE.apply(x, bits, sym, clip_ratio, groupsize, zero_in_range)
     return reference(x, bits, sym, clip_ratio, groupsize, zero_in_range, ste)
 
 
@@ -200,6 +384,17 @@ _AUTO_CASES = (  # (sym, clip, groupsize, zero_in_range): the runtime's act, per
 )
 
 
+def _probe() -> torch.Tensor:
+    """auto's test tensor: rows over 5 decades, an all-zero row, tied maxima, rounding ties, |min| = max."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=gen) * torch.logspace(-3, 2, 256)
+    x[3] = 0
+    x[5, :8] = 400.0
+    x[7] = torch.arange(256) / 2 - 64  # ties
+    x[9] = x[9].sign() * 3
+    return x
+
+
 @functools.lru_cache(maxsize=None)
 def _auto_ok(device: torch.device) -> bool:
     """`auto` uses the kernel on a device only after it matched the reference bit for bit there (a few
@@ -208,11 +403,7 @@ def _auto_ok(device: torch.device) -> bool:
 
     from .quant import fake_quant_act as reference
 
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 256, generator=gen) * torch.logspace(-3, 2, 256)
-    x[3] = 0
-    x[5, :8] = 400.0
-    x[7] = torch.arange(256) / 2 - 64  # ties
+    x = _probe()
     try:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             xd = x.to(device=device, dtype=dtype)
@@ -228,6 +419,44 @@ def _auto_ok(device: torch.device) -> bool:
     except Exception as e:  # a broken Triton install: stay on the reference
         warnings.warn(f"osp_eval.kernels: the Triton quantizer failed on {device} ({type(e).__name__}: {e}); "
                       "--kernels auto uses the reference")
+        return False
+    return True
+
+
+def grad_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
+    """Gradient a within rtol·max|b| of b, plus one rounding of b's dtype per element (a bf16 gradient is
+    rounded once, from fp32 sums that may differ in their last bit)."""
+    eps = torch.finfo(b.dtype).eps
+    a, b = a.float(), b.float()
+    return bool(((a - b).abs() <= rtol * b.abs().max() + eps * b.abs()).all())
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_grad_ok(device: torch.device) -> bool:
+    """`auto` trains through the kernels' backward on a device only after it matched the reference's autograd
+    gradient there (grad_close, bf16 and fp32, the cases of _AUTO_CASES); otherwise the reference trains."""
+    import warnings
+
+    from .quant import fake_quant_act as reference
+
+    x = _probe()
+    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.enable_grad():
+            for dtype in (torch.bfloat16, torch.float32):
+                xd, ud = x.to(device=device, dtype=dtype).requires_grad_(True), up.to(device=device, dtype=dtype)
+                for bits in (4, 8):
+                    for sym, clip, g, zir in _AUTO_CASES:
+                        (a,) = torch.autograd.grad(fake_quant_act_ste(xd, bits, sym, clip, g, zir), xd, ud)
+                        (b,) = torch.autograd.grad(reference(xd, bits, sym, clip, g, zir, ste=True), xd, ud)
+                        if not grad_close(a, b):
+                            warnings.warn(f"osp_eval.kernels: the Triton quantizer's gradient differs from the "
+                                          f"reference's on {device} ({dtype}, {bits} bits, sym={sym}, clip={clip}, "
+                                          f"group={g}); --kernels auto trains through the reference")
+                            return False
+    except Exception as e:
+        warnings.warn(f"osp_eval.kernels: the Triton quantizer's backward failed on {device} "
+                      f"({type(e).__name__}: {e}); --kernels auto trains through the reference")
         return False
     return True
 
