@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from osp_eval.apply import set_kernels  # noqa: E402
 from osp_eval.config import preset  # noqa: E402
 from osp_eval.spinquant import prepare_training_model, train_rotations  # noqa: E402
 
@@ -39,34 +38,35 @@ def main():
     p.add_argument("--no_checkpointing", action="store_true")
     p.add_argument("--kernels", default="reference",
                    help="comma list of reference|triton|auto: each setting is trained from the same start per path "
-                        "(triton: the activation/K/V quantizers' forward and backward run as Triton kernels; the "
-                        "same forward values, the gradient up to fp32 summation order: expect the first step's loss "
-                        "equal, later ones close)")
+                        "(triton: the activation/K/V quantizers' forward and backward run as Triton kernels and, on "
+                        "a GPU, the R1 weight rotations as split-TF32 GEMMs; the gradient and rotated weights up to "
+                        "fp32 rounding: expect close losses)")
     args = p.parse_args()
     paths = [k.strip() for k in args.kernels.split(",") if k.strip()]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if args.model:
-        from osp_eval.models import load_model
+    name = Path(args.model).name if args.model else "random-osp-1.4b" + ("-tiny" if args.tiny else "")
 
-        model = load_model(args.model, dtype=dtype, device=device)[0]
-        name = Path(args.model).name
-    else:
-        model = random_model(osp_1p4b_config(args.tiny), dtype, device)
-        name = "random-osp-1.4b" + ("-tiny" if args.tiny else "")
+    def training_model(path):
+        # A fresh model per path: the rotation GEMMs (split TF32 or fp32) are chosen when the model is prepared.
+        if args.model:
+            from osp_eval.models import load_model
+
+            model = load_model(args.model, dtype=dtype, device=device)[0]
+        else:
+            model = random_model(osp_1p4b_config(args.tiny), dtype, device)  # seeded: the same weights every time
+        return model, prepare_training_model(model, cfg.replace(kernels=path))
+
     cfg = preset("osp", w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="gptq")
-    rot = prepare_training_model(model, cfg)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch_size * (args.steps + 1), args.seqlen),
-                        generator=torch.Generator().manual_seed(0))
     rows = []
-    start = [q.detach().clone() for q in rot.parameters()]
     settings = [(int(x), path) for x in args.micro_batch_sizes.split(",") for path in paths]
+    model = ids = None
     for mbs, path in settings:
-        set_kernels(model, path)
-        with torch.no_grad():  # every setting trains from the same rotations: losses comparable across paths
-            for q, q0 in zip(rot.parameters(), start):
-                q.copy_(q0)
+        del model
+        model, rot = training_model(path)  # every setting trains from the same rotations: losses comparable
+        if ids is None:
+            ids = torch.randint(0, model.config.vocab_size, (args.batch_size * (args.steps + 1), args.seqlen),
+                                generator=torch.Generator().manual_seed(0))
         kw = dict(batch_size=args.batch_size, micro_batch_size=mbs, checkpointing=not args.no_checkpointing,
                   progress=False)
         train_rotations(model, rot, ids[:args.batch_size], steps=1, **kw)  # warm-up
