@@ -14,7 +14,7 @@ PY
   python3 benchmarks/bench_ppl.py --methods fp,rtn,ffn_had,quarot_rtn --kernels reference,triton --nwindows 40 2>&1 | grep -v Warn | tail -12
   python3 benchmarks/bench_gptq.py --kernels reference,triton 2>&1 | grep "^GPTQ W4"
   python3 benchmarks/bench_gptq.py --model $M --kernels reference,triton 2>&1 | grep "^GPTQ W4"
-  python3 benchmarks/bench_spinquant.py --micro_batch_sizes 8 --steps 3 --kernels reference 2>&1 | grep -v Warn | tail -4
+  python3 benchmarks/bench_spinquant.py --micro_batch_sizes 8 --steps 3 --kernels reference,triton 2>&1 | grep -v Warn | tail -6
 fi
 if [ "$1" = tables ]; then
   for k in reference triton; do
