@@ -18,6 +18,7 @@ which is what `auto` checks the device's GEMM does before using it.
 """
 
 import functools
+import itertools
 import math
 import os
 
@@ -262,7 +263,7 @@ if tl is not None:
         acc = tl.zeros((BLOCK_M, N), dtype=tl.float32)
         for k in range(N):
             xk = tl.load(x_ptr + base + k, mask=rmask, other=0.0).to(tl.float32)
-            hk = tl.load(h_ptr + cols * N + k)  # column k of H: H[j, k] for every output j
+            hk = tl.load(h_ptr + k * N + cols)  # h_ptr holds H^T: row k is H[j, k] for every output j
             acc = acc + xk[:, None] * hk[None, :]
         y = acc * scale
         mask = rmask[:, None] & (cols[None, :] < N)
@@ -288,6 +289,14 @@ def _k_quant_args(act, n: int):
     return True, bool(act.sym), bool(zir), float(act.clip_ratio), maxq
 
 
+@functools.lru_cache(maxsize=16)
+def _hadamard_t(n: int, device: torch.device) -> torch.Tensor:
+    """H^T of the reference's dense ±1 fp32 factor (hadamard._factors), rows contiguous for the kernel's loads."""
+    from .hadamard import _factors
+
+    return _factors(n, torch.float32, device)[0].T.contiguous()
+
+
 def hadamard_rows_triton(x: torch.Tensor, act=None) -> torch.Tensor:
     """hadamard.hadamard_transform(x, fp32=True) for a last dim n in HADAMARD_SIZES, then, if `act` (an ActSpec
     whose groups are whole rows) quantizes, its fake quant: one read and one write of x. The sum over k runs in
@@ -295,15 +304,13 @@ def hadamard_rows_triton(x: torch.Tensor, act=None) -> torch.Tensor:
     n = x.shape[-1]
     if n not in HADAMARD_SIZES:
         raise ValueError(f"hadamard_rows_triton: last dim {n} not in {HADAMARD_SIZES}")
-    from .hadamard import _factors
-
     quant, sym, zir, clip, maxq = _k_quant_args(act, n)
     xc = x.contiguous()
     y = torch.empty_like(xc)
     m = xc.numel() // n
     if m == 0:
         return y
-    h = _factors(n, torch.float32, xc.device)[0]  # the reference's dense ±1 factor
+    h = _hadamard_t(n, xc.device)
     block_m, _, warps = _launch_shape(n)
     _hadamard_rows[(triton.cdiv(m, block_m),)](
         xc, h, y, m, 1.0 / math.sqrt(n), clip, maxq, 1.0 / maxq,
@@ -329,7 +336,8 @@ def qk_hadamard(query: torch.Tensor, key: torch.Tensor, act, kernels: str):
     The Triton kernel serves head_dim in HADAMARD_SIZES without gradients when `kernels` is "triton", or "auto"
     on a device where it matched the reference bit for bit (_hadamard_auto_ok). With "triton" it runs even where
     that check fails: there the fp32 sums may round differently from the reference GEMM's (its summation order),
-    about 1 ulp of the output dtype on a few elements. Otherwise the reference runs."""
+    about 1 ulp of the output dtype on a few elements. Otherwise the reference runs. The check covers two shapes;
+    a BLAS that picks another summation order for other shapes would go unnoticed."""
     if _fused_qk(query, key, act, kernels):
         return hadamard_rows_triton(query), hadamard_rows_triton(key, act)
     from .hadamard import hadamard_transform
@@ -352,12 +360,14 @@ def _hadamard_auto_ok(device: torch.device) -> bool:
     from .runtime import ActSpec
 
     gen = torch.Generator().manual_seed(0)
+    # BLAS picks its GEMM kernel (and so its order) by shape: a decoding-sized and, on a GPU, a prefill-sized one.
+    shapes = [(2, 8, 2)] + ([(1, 1024, 32)] if device.type == "cuda" else [])
     try:
-        for n in (64, 128):
-            x = torch.randn(2, 8, 2, n, generator=gen) * torch.logspace(-2, 1, n)
+        for n, (b, t, h) in itertools.product(HADAMARD_SIZES, shapes):
+            x = torch.randn(b, t, h, n, generator=gen) * torch.logspace(-2, 1, n)
             x[0, 1, 1, 5] = 300.0  # outliers
-            x[1, :, 0, 7] = -150.0
-            x[1, 2, 1] = 0
+            x[-1, :, 0, 7] = -150.0
+            x[-1, 2, 1] = 0
             x = x.transpose(1, 2)  # [batch, heads, tokens, n], not contiguous: as attention's q/k
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 xd = x.to(device=device, dtype=dtype)
