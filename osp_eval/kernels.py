@@ -15,11 +15,15 @@ Rotation training (`ste=True` with a gradient) runs `fake_quant_act_ste`: the sa
 kernel that recomputes each row's range from x and returns the reference's autograd gradient (straight-through
 rounding plus the terms through the scale and zero point into the row's min and max) up to fp32 summation order.
 
-The online Hadamard stays `hadamard.hadamard_transform` (its factor matmuls fix the summation order);
-only the quantizer that follows it runs here.
+The online Hadamard of the Linears stays `hadamard.hadamard_transform` (its factor matmuls fix the summation
+order); only the quantizer that follows it runs here. The Q/K Hadamard after RoPE (R3, head_dim 16..128: one
+dense ±1 factor) runs here with K's quantizer fused (`qk_hadamard`): its fp32 sums go in order k = 0 .. n-1,
+which is what `auto` checks the device's GEMM does before using it.
 """
 
 import functools
+import itertools
+import math
 import os
 
 import torch
@@ -125,15 +129,9 @@ if tl is not None:
         return t, q, inside
 
     @triton.jit
-    def _fake_quant_rows(x_ptr, y_ptr, M, G, clip, maxq, inv_maxq,
-                         SYM: tl.constexpr, ZERO_IN_RANGE: tl.constexpr, CLIP: tl.constexpr,
-                         RECIP: tl.constexpr, BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
-        """x viewed as [M, G]: each row is one token (or one group of a token) with its own scale/zero."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_G)
-        mask = (rows[:, None] < M) & (cols[None, :] < G)
-        offs = rows[:, None].to(tl.int64) * G + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    def _fake_quant_tile(x, mask, clip, maxq, inv_maxq, SYM: tl.constexpr, ZERO_IN_RANGE: tl.constexpr,
+                         CLIP: tl.constexpr, RECIP: tl.constexpr):
+        """quant.fake_quant_act's math on an fp32 tile [rows, G], one scale/zero per row (fp32 result)."""
         lo = tl.min(tl.where(mask, x, float("inf")), axis=1)
         hi = tl.max(tl.where(mask, x, float("-inf")), axis=1)
         scale, zero = _grid(lo, hi, clip, maxq, inv_maxq, SYM, ZERO_IN_RANGE, CLIP, RECIP)
@@ -143,6 +141,19 @@ if tl is not None:
             y = q * scale
         else:
             y = (q - zero[:, None]) * scale
+        return y
+
+    @triton.jit
+    def _fake_quant_rows(x_ptr, y_ptr, M, G, clip, maxq, inv_maxq,
+                         SYM: tl.constexpr, ZERO_IN_RANGE: tl.constexpr, CLIP: tl.constexpr,
+                         RECIP: tl.constexpr, BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+        """x viewed as [M, G]: each row is one token (or one group of a token) with its own scale/zero."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_G)
+        mask = (rows[:, None] < M) & (cols[None, :] < G)
+        offs = rows[:, None].to(tl.int64) * G + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _fake_quant_tile(x, mask, clip, maxq, inv_maxq, SYM, ZERO_IN_RANGE, CLIP, RECIP)
         if BF16:
             y = _to_bf16(y)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -457,6 +468,151 @@ def _auto_grad_ok(device: torch.device) -> bool:
     except Exception as e:
         warnings.warn(f"osp_eval.kernels: the Triton quantizer's backward failed on {device} "
                       f"({type(e).__name__}: {e}); --kernels auto trains through the reference")
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- R3: the Q/K Hadamard after RoPE
+
+HADAMARD_SIZES = (16, 32, 64, 128)  # head_dim with one dense Sylvester factor in hadamard._factors
+
+if tl is not None:
+
+    @triton.jit
+    def _hadamard_rows(x_ptr, h_ptr, y_ptr, M, scale, clip, maxq, inv_maxq, QUANT: tl.constexpr,
+                       SYM: tl.constexpr, ZERO_IN_RANGE: tl.constexpr, CLIP: tl.constexpr, RECIP: tl.constexpr,
+                       BF16: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr):
+        """x viewed as [M, N]: y_j = sum_k x_k H[j, k], the sum taken in order k = 0 .. N-1 in one fp32
+        accumulator (x_k * ±1 is exact, so this order is the only rounding: that of a SIMT sgemm), then
+        * fp32(scale), rounded to y's dtype. QUANT: then K's fake quant per row (token and head) on those values."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, N)
+        rmask = rows < M
+        base = rows.to(tl.int64) * N
+        acc = tl.zeros((BLOCK_M, N), dtype=tl.float32)
+        for k in range(N):
+            xk = tl.load(x_ptr + base + k, mask=rmask, other=0.0).to(tl.float32)
+            hk = tl.load(h_ptr + k * N + cols)  # h_ptr holds H^T: row k is H[j, k] for every output j
+            acc = acc + xk[:, None] * hk[None, :]
+        y = acc * scale
+        mask = rmask[:, None] & (cols[None, :] < N)
+        if QUANT:  # the reference quantizes the rotated key after its cast to the key's dtype
+            if BF16:
+                y = _to_bf16(y)
+            y = _fake_quant_tile(y.to(y_ptr.dtype.element_ty).to(tl.float32), mask, clip, maxq, inv_maxq,
+                                 SYM, ZERO_IN_RANGE, CLIP, RECIP)
+        if BF16:
+            y = _to_bf16(y)
+        tl.store(y_ptr + base[:, None] + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _k_quant_args(act, n: int):
+    """(quant, sym, zero_in_range, clip, maxq) of K's ActSpec for rows of n, or None if its groups are not
+    whole rows (then the fused kernel does not apply)."""
+    if act is None or act.bits >= 16:
+        return False, False, False, 1.0, 1.0
+    if act.groupsize > 0 and act.groupsize != n:
+        return None
+    zir = act.zero_in_range if act.zero_in_range is not None else act.groupsize <= 0
+    maxq = float(2 ** (act.bits - 1) - 1 if act.sym else 2**act.bits - 1)
+    return True, bool(act.sym), bool(zir), float(act.clip_ratio), maxq
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_t(n: int, device: torch.device) -> torch.Tensor:
+    """H^T of the reference's dense ±1 fp32 factor (hadamard._factors), rows contiguous for the kernel's loads."""
+    from .hadamard import _factors
+
+    return _factors(n, torch.float32, device)[0].T.contiguous()
+
+
+def hadamard_rows_triton(x: torch.Tensor, act=None) -> torch.Tensor:
+    """hadamard.hadamard_transform(x, fp32=True) for a last dim n in HADAMARD_SIZES, then, if `act` (an ActSpec
+    whose groups are whole rows) quantizes, its fake quant: one read and one write of x. The sum over k runs in
+    order 0 .. n-1; equal to the reference bit for bit wherever its fp32 GEMM sums in that order."""
+    n = x.shape[-1]
+    if n not in HADAMARD_SIZES:
+        raise ValueError(f"hadamard_rows_triton: last dim {n} not in {HADAMARD_SIZES}")
+    quant, sym, zir, clip, maxq = _k_quant_args(act, n)
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    m = xc.numel() // n
+    if m == 0:
+        return y
+    h = _hadamard_t(n, xc.device)
+    block_m, _, warps = _launch_shape(n)
+    _hadamard_rows[(triton.cdiv(m, block_m),)](
+        xc, h, y, m, 1.0 / math.sqrt(n), clip, maxq, 1.0 / maxq,
+        QUANT=quant, SYM=sym, ZERO_IN_RANGE=zir, CLIP=clip != 1.0, RECIP=xc.is_cuda, BF16=xc.dtype == torch.bfloat16,
+        N=n, BLOCK_M=block_m, num_warps=warps, enable_fp_fusion=False,
+    )
+    return y
+
+
+def _fused_qk(query: torch.Tensor, key: torch.Tensor, act, kernels: str) -> bool:
+    n = key.shape[-1]
+    if n != query.shape[-1] or n not in HADAMARD_SIZES or _k_quant_args(act, n) is None:
+        return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        return False  # rotation training: the reference's autograd graph
+    if not (use_triton(kernels, query) and use_triton(kernels, key)):
+        return False
+    return kernels == "triton" or _hadamard_auto_ok(key.device)
+
+
+def qk_hadamard(query: torch.Tensor, key: torch.Tensor, act, kernels: str):
+    """runtime.KSpec's rotation: (H q, quant(H k)), H = hadamard_transform(·, fp32=True), quant = act (K's ActSpec).
+    The Triton kernel serves head_dim in HADAMARD_SIZES without gradients when `kernels` is "triton", or "auto"
+    on a device where it matched the reference bit for bit (_hadamard_auto_ok). With "triton" it runs even where
+    that check fails: there the fp32 sums may round differently from the reference GEMM's (its summation order),
+    about 1 ulp of the output dtype on a few elements. Otherwise the reference runs. The check covers two shapes;
+    a BLAS that picks another summation order for other shapes would go unnoticed."""
+    if _fused_qk(query, key, act, kernels):
+        return hadamard_rows_triton(query), hadamard_rows_triton(key, act)
+    from .hadamard import hadamard_transform
+
+    return hadamard_transform(query, fp32=True), act(hadamard_transform(key, fp32=True))
+
+
+_HADAMARD_K_CASES = ((4, False, 1.0), (4, True, 0.95), (8, False, 0.9))  # (bits, sym, clip) of K, per head
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_auto_ok(device: torch.device) -> bool:
+    """`auto` uses the fused R3 kernel on a device only after it matched hadamard_transform(·, fp32=True) (and the
+    reference K quantizer after it) bit for bit there; the GEMM's summation order is the device's BLAS's, so this
+    is checked, not assumed. Otherwise warns once and keeps the reference."""
+    import warnings
+
+    from .hadamard import hadamard_transform
+    from .quant import fake_quant_act as reference
+    from .runtime import ActSpec
+
+    gen = torch.Generator().manual_seed(0)
+    # BLAS picks its GEMM kernel (and so its order) by shape: a decoding-sized and, on a GPU, a prefill-sized one.
+    shapes = [(2, 8, 2)] + ([(1, 1024, 32)] if device.type == "cuda" else [])
+    try:
+        for n, (b, t, h) in itertools.product(HADAMARD_SIZES, shapes):
+            x = torch.randn(b, t, h, n, generator=gen) * torch.logspace(-2, 1, n)
+            x[0, 1, 1, 5] = 300.0  # outliers
+            x[-1, :, 0, 7] = -150.0
+            x[-1, 2, 1] = 0
+            x = x.transpose(1, 2)  # [batch, heads, tokens, n], not contiguous: as attention's q/k
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                xd = x.to(device=device, dtype=dtype)
+                want = hadamard_transform(xd, fp32=True)
+                ok = torch.equal(hadamard_rows_triton(xd), want)
+                for bits, sym, clip in _HADAMARD_K_CASES:
+                    act = ActSpec(bits, sym, clip, n, True)
+                    ok = ok and torch.equal(hadamard_rows_triton(xd, act), reference(want, bits, sym, clip, n, True))
+                if not ok:
+                    warnings.warn(f"osp_eval.kernels: the Triton Q/K Hadamard differs from the reference on {device} "
+                                  f"({dtype}, head_dim {n}: the fp32 GEMM sums in another order); --kernels auto "
+                                  "uses the reference")
+                    return False
+    except Exception as e:
+        warnings.warn(f"osp_eval.kernels: the Triton Q/K Hadamard failed on {device} ({type(e).__name__}: {e}); "
+                      "--kernels auto uses the reference")
         return False
     return True
 

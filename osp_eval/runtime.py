@@ -140,6 +140,11 @@ class KSpec:
     rotate: bool = True
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor):
+        if self.rotate and self.act.kernels != "reference":
+            from .kernels import qk_hadamard
+
+            # One Triton pass per tensor where it serves (same values); otherwise the code below.
+            return qk_hadamard(query, key, self.act, self.act.kernels)
         if self.rotate:
             from .hadamard import hadamard_transform
 
