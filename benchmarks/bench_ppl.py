@@ -5,6 +5,7 @@
   python benchmarks/bench_ppl.py --model tiny --nwindows 2                          # CPU smoke run
   python benchmarks/bench_ppl.py --methods fp,rtn,ffn_had,quarot_rtn --kernels reference,triton   # both paths
   python benchmarks/bench_ppl.py --methods fp,rtn,ffn_had --kernels triton --cuda_graphs  # + CUDA-graph replays
+  python benchmarks/bench_ppl.py --methods fp,rtn --kernels triton --compile   # + torch.compile (exploratory)
 
 With several `--kernels`, each quantized model is evaluated by every path in turn (same process, same weights:
 osp_eval.apply.set_kernels switches the quantizers) and the row reports each path's tokens/s, the max abs
@@ -90,6 +91,42 @@ def graphs_row(model, ids, args, device, row, first_ppl) -> dict:
     return out
 
 
+def compile_row(model, ids, args, row, first_ppl, first_logits, device) -> dict:
+    """The same windows through `torch.compile(model.forward)` (exploratory: Inductor fuses the norms, RoPE and
+    casts, so values differ from eager by float rounding; the row reports by how much)."""
+    import time
+
+    import torch._dynamo
+
+    eager = model.forward
+    out = {**row, "kernels": row["kernels"] + "+compile"}
+    try:
+        model.forward = torch.compile(eager, dynamic=False)
+        t0 = time.perf_counter()
+        perplexity(model, ids, args.seqlen, args.batch_size, max_windows=args.batch_size, progress=False)
+        out["compile_seconds"] = time.perf_counter() - t0
+        best = None
+        for _ in range(args.repeats):
+            r = perplexity(model, ids, args.seqlen, args.batch_size, max_windows=args.nwindows, progress=False)
+            best = r if best is None or r["eval_seconds"] < best["eval_seconds"] else best
+        logits = last_logits(model, ids, args.seqlen, args.batch_size, device)
+        out |= {"eval_seconds": best["eval_seconds"], "tokens_per_second": best["tokens_per_second"],
+                "ppl": best["ppl"], "ppl_diff_vs_first": best["ppl"] - first_ppl,
+                "max_abs_logit_diff_vs_first": (logits - first_logits).abs().max().item(),
+                "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values())}
+        print(f"{row['method']:12s} {out['kernels']:16s} compile {out['compile_seconds']:5.1f}s eval "
+              f"{best['eval_seconds']:7.2f}s  {best['tokens_per_second']:10.0f} tok/s  ppl {best['ppl']:.4f}  dlogit "
+              f"{out['max_abs_logit_diff_vs_first']:.3g}  dppl {out['ppl_diff_vs_first']:.3g}  graph breaks "
+              f"{out['graph_breaks']}", flush=True)
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"{row['method']:12s} {out['kernels']}: compile failed ({out['error']})", flush=True)
+    finally:
+        model.forward = eager
+        torch._dynamo.reset()
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="random-osp-1.4b")
@@ -101,6 +138,7 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="timed passes; the best is reported")
     p.add_argument("--kernels", default="reference", help="comma list of reference|triton|auto, timed side by side")
     p.add_argument("--cuda_graphs", action="store_true", help="also time each path replaying a CUDA graph")
+    p.add_argument("--compile", action="store_true", help="also time each path under torch.compile (exploratory)")
     args = p.parse_args()
     paths = [k.strip() for k in args.kernels.split(",") if k.strip()]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,6 +182,8 @@ def main():
                   f"peak {peak} GiB", flush=True)
             if args.cuda_graphs:
                 rows.append(graphs_row(model, ids, args, device, row, first_ppl))
+            if args.compile:
+                rows.append(compile_row(model, ids, args, row, first_ppl, first_logits, device))
         del model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     by = {(r["method"], r["kernels"]): r for r in rows}
