@@ -353,6 +353,9 @@ if tl is not None:
         tl.store(e_ptr + soffs, acc, mask=sm)
 
 
+_CLIP_WARPS = 4
+
+
 def _clip_launch_shape(cols: int, interpret: bool) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_P, BLOCK_C): about 4096 elements a tile (rows x candidates x columns); short rows (groups)
     take several rows a program. The interpreter runs a tile as numpy arrays: fewer, larger tiles are faster."""
@@ -375,7 +378,7 @@ def clip_errors_triton(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     br, bp, bc = _clip_launch_shape(cols, _interpret())
     _clip_errors[(triton.cdiv(rows, br), triton.cdiv(k, bp))](
         w, scale, zero, err, rows, cols, maxq, NP=k, SYM=bool(sym), BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc,
-        num_warps=4, enable_fp_fusion=False,
+        num_warps=_CLIP_WARPS, enable_fp_fusion=False,
     )
     return err
 
