@@ -113,7 +113,7 @@ def rtn_quantize_weights(model: nn.Module, cfg: QuantConfig, progress: bool = Tr
     def one(i, layer):
         for linear in ad.linears(layer).values():
             linear.weight.data = fake_quant_weight(
-                linear.weight.data, cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip
+                linear.weight.data, cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip, cfg.kernels
             )
 
     layers = ad.layers(model)

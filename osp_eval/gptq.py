@@ -115,8 +115,9 @@ def gptq_quantize_weight(
 
     `kernels` "triton"/"auto" run each block's column loop (per-row scales) as one Triton launch instead of
     ~10 launches per column, with the same arithmetic (`fma`: how the update rounds; auto uses the kernel only
-    where it reproduced this loop bit for bit, see kernels.gptq_variant). On CUDA they also take H⁻¹'s factor
-    from one Cholesky (`_inverse_cholesky_upper(fast=True)`): equal in exact arithmetic, not bit for bit.
+    where it reproduced this loop bit for bit, see kernels.gptq_variant), and the clip search of every scale
+    fit as one Triton launch (quant.weight_qparams). On CUDA they also take H⁻¹'s factor from one Cholesky
+    (`_inverse_cholesky_upper(fast=True)`): equal in exact arithmetic, not bit for bit.
     """
     if bits >= 16:
         return W
@@ -128,13 +129,13 @@ def gptq_quantize_weight(
     H = H.detach().to(W.device, torch.float32, copy=True)
 
     if groupsize <= 0:  # the reference fits these before zeroing dead columns
-        scale, zero = weight_qparams(W0, bits, sym, clip_search)
+        scale, zero = weight_qparams(W0, bits, sym, clip_search, kernels)
     dead = H.diagonal() == 0  # inputs that are always 0: any value works, take 0
     H.diagonal()[dead] = 1
     W0[:, dead] = 0
     if groupsize > 0 and static_groups:
         ngroups = cols // groupsize
-        gscale, gzero = weight_qparams(W0.reshape(rows * ngroups, groupsize), bits, sym, clip_search)
+        gscale, gzero = weight_qparams(W0.reshape(rows * ngroups, groupsize), bits, sym, clip_search, kernels)
         gscale, gzero = gscale.view(rows, ngroups).t().contiguous(), gzero.view(rows, ngroups).t().contiguous()
 
     perm = None
@@ -178,7 +179,7 @@ def gptq_quantize_weight(
                     g = group_of[i1 + i]
                     s, z = gscale[g], gzero[g]
                 elif i % groupsize == 0:
-                    gs, gz = weight_qparams(W1[i : i + groupsize].t(), bits, sym, clip_search)
+                    gs, gz = weight_qparams(W1[i : i + groupsize].t(), bits, sym, clip_search, kernels)
                     s, z = gs[:, 0], gz[:, 0]
             w = W1[i]
             q = quantize_dequant(w, s, z, bits, sym)
@@ -323,7 +324,7 @@ def _quantize_group(layer: nn.Module, index: int, linears: dict[str, nn.Linear],
         del Q, W
     for r in hooks.uncalled():
         w = linears[r].weight
-        q = fake_quant_weight(w.data, cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip)
+        q = fake_quant_weight(w.data, cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip, cfg.kernels)
         report[r] = {"method": "rtn (no calibration tokens)", "samples": 0,
                      "rel_error": ((q.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()}
         w.data.copy_(q)

@@ -700,3 +700,127 @@ def gptq_variant(device: torch.device) -> bool | None:
         warnings.warn(f"osp_eval.kernels: the Triton GPTQ block failed on {device} ({type(e).__name__}: {e}); "
                       "--kernels auto keeps the reference GPTQ loop")
         return None
+
+
+# --------------------------------------------------------------------------- the weight MSE clip search
+
+if tl is not None:
+
+    @triton.jit
+    def _clip_errors(w_ptr, s_ptr, z_ptr, e_ptr, R, C, maxq, NP: tl.constexpr, SYM: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """err[r, k] = sum_j |grid_k(w[r, j]) - w[r, j]|^2.4 for BLOCK_R rows and BLOCK_P of the NP candidates
+        (scale s and zero z [R, NP]), as a [BLOCK_R, BLOCK_P, BLOCK_C] tile per column chunk: one load of w
+        serves BLOCK_P candidates. The grid point is quant.quantize_dequant's, bit for bit; the power and the
+        sum are not torch's (see weight_clip_search_triton)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cand = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        rm = rows < R
+        sm = rm[:, None] & (cand < NP)[None, :]
+        soffs = rows[:, None].to(tl.int64) * NP + cand[None, :]
+        s = tl.load(s_ptr + soffs, mask=sm, other=1.0)[:, :, None]
+        z = tl.load(z_ptr + soffs, mask=sm, other=0.0)[:, :, None]
+        acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            m = rm[:, None] & (cols < C)[None, :]
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)[:, None, :]
+            y = _rint(tl.math.div_rn(w, s))
+            if SYM:
+                q = tl.minimum(tl.maximum(y, -(maxq + 1.0)), maxq) * s
+            else:
+                q = (tl.minimum(tl.maximum(y + z, 0.0), maxq) - z) * s
+            d = tl.abs(q - w)
+            # |d|^2.4 as d^2 * 2^(0.4 log2 d) (0 for d = 0): the small exponent keeps its fp32 rounding small in
+            # the result. Not torch's pow bits.
+            e = d * d * tl.exp2(0.4 * tl.log2(tl.where(d > 0, d, 1.0)))
+            acc += tl.sum(tl.where(m[:, None, :], e, 0.0), axis=2)
+        tl.store(e_ptr + soffs, acc, mask=sm)
+
+
+_CLIP_WARPS = 4
+
+
+def _clip_launch_shape(cols: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_P, BLOCK_C): about 4096 elements a tile (rows x candidates x columns); short rows (groups)
+    take several rows a program. The interpreter runs a tile as numpy arrays: fewer, larger tiles are faster."""
+    block_c = min(triton.next_power_of_2(cols), 2048 if interpret else 256)
+    block_p = 16
+    block_r = max(1, (4096 if not interpret else 65536) // (block_p * block_c))
+    return block_r, block_p, block_c
+
+
+def clip_errors_triton(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool):
+    """The clip search's error of every candidate: err [rows, k] for w [rows, cols] (fp32) under the candidates'
+    scale and zero [rows, k] (quant.clip_candidates), one launch."""
+    w, scale, zero = w.contiguous(), scale.contiguous(), zero.contiguous()
+    rows, cols = w.shape
+    k = scale.shape[1]
+    err = torch.empty(rows, k, dtype=torch.float32, device=w.device)
+    if rows == 0:
+        return err
+    maxq = float(2 ** (bits - 1) - 1 if sym else 2**bits - 1)
+    br, bp, bc = _clip_launch_shape(cols, _interpret())
+    _clip_errors[(triton.cdiv(rows, br), triton.cdiv(k, bp))](
+        w, scale, zero, err, rows, cols, maxq, NP=k, SYM=bool(sym), BLOCK_R=br, BLOCK_P=bp, BLOCK_C=bc,
+        num_warps=_CLIP_WARPS, enable_fp_fusion=False,
+    )
+    return err
+
+
+def first_min(err: torch.Tensor) -> torch.Tensor:
+    """Per row, the candidate the reference loop keeps: it takes k when err[k] < best (best starting at inf),
+    i.e. the first smallest error; NaN never wins, and a row without a finite error keeps candidate 0 (p = 1,
+    the unclipped range it starts from)."""
+    return torch.where(torch.isnan(err), float("inf"), err).argmin(1)  # argmin: the first of equal minima
+
+
+def weight_clip_search_triton(w: torch.Tensor, bits: int, sym: bool):
+    """quant.weight_qparams(w, bits, sym, clip_search=True) with the 80 candidates' errors in one Triton launch
+    (fp32 in registers) instead of ~14 PyTorch kernels over the whole weight per candidate.
+
+    The candidates' scales and zeros are quant.clip_candidates' (the reference's ops on the same device) and
+    every grid point equals quant.quantize_dequant's bit for bit. The error values are not torch's bits: the
+    power is 2^(0.4 log2 d) d^2 and the sum runs in another order. A row's choice can therefore differ from the
+    reference's only where two candidates' errors lie within float rounding of each other."""
+    from .quant import clip_candidates, weight_range
+
+    w = w.float()
+    xmin, xmax = weight_range(w)
+    scale, zero = clip_candidates(xmin, xmax, bits, sym)
+    k = first_min(clip_errors_triton(w, scale, zero, bits, sym))[:, None]
+    return scale.gather(1, k), zero.gather(1, k)
+
+
+def use_clip_kernel(kernels: str, w: torch.Tensor) -> bool:
+    """Whether weight_qparams' clip search runs as the Triton kernel: as use_triton, and under auto only on a
+    device where the kernel picked the reference's scales on a test weight (checked once per device)."""
+    check_kernels(kernels)
+    return use_triton(kernels, w) and (kernels == "triton" or _clip_auto_ok(w.device))
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_auto_ok(device: torch.device) -> bool:
+    import warnings
+
+    from .quant import weight_qparams
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 384, generator=gen) * torch.logspace(-2, 1, 384)
+    w[3] = 0
+    w[5, :4] = 60.0
+    w = w.to(device)
+    try:
+        for bits in (3, 4, 8):
+            for sym in (True, False):
+                got = weight_clip_search_triton(w, bits, sym)
+                want = weight_qparams(w, bits, sym, clip_search=True)
+                if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                    warnings.warn(f"osp_eval.kernels: the Triton clip search picked other scales than the "
+                                  f"reference on {device} ({bits} bits, sym={sym}); --kernels auto uses the reference")
+                    return False
+    except Exception as e:
+        warnings.warn(f"osp_eval.kernels: the Triton clip search failed on {device} ({type(e).__name__}: {e}); "
+                      "--kernels auto uses the reference")
+        return False
+    return True

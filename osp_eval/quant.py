@@ -12,6 +12,7 @@ import torch
 CLIP_GRID = 100
 CLIP_MAXSHRINK = 0.8
 CLIP_NORM = 2.4
+CLIP_FACTORS = tuple(1 - i / CLIP_GRID for i in range(int(CLIP_MAXSHRINK * CLIP_GRID)))  # p, first p = 1.0
 
 
 def _maxq(bits: int, sym: bool) -> int:
@@ -46,17 +47,37 @@ def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool):
     return scale, torch.round(-xmin / scale)
 
 
-def weight_qparams(w: torch.Tensor, bits: int, sym: bool = True, clip_search: bool = False):
-    """Per-row scale and zero ([rows, 1] each, fp32) for a 2-D weight, optionally with the MSE clip search."""
-    w = w.float()
+def weight_range(w: torch.Tensor):
+    """Per-row (min, max) of a 2-D fp32 weight, widened to contain 0."""
     zeros = torch.zeros(w.shape[0], device=w.device)
-    xmin = torch.minimum(w.amin(1), zeros)
-    xmax = torch.maximum(w.amax(1), zeros)
+    return torch.minimum(w.amin(1), zeros), torch.maximum(w.amax(1), zeros)
+
+
+def clip_candidates(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool):
+    """Scale and zero of every clip-search candidate ([rows, len(CLIP_FACTORS)] each): the values the loop of
+    weight_qparams computes for p * xmin, p * xmax (a tensor times a Python float multiplies by float32(p))."""
+    p = torch.tensor(CLIP_FACTORS, dtype=torch.float32, device=xmin.device)
+    return _scale_zero(xmin[:, None] * p, xmax[:, None] * p, bits, sym)
+
+
+def weight_qparams(w: torch.Tensor, bits: int, sym: bool = True, clip_search: bool = False,
+                   kernels: str = "reference"):
+    """Per-row scale and zero ([rows, 1] each, fp32) for a 2-D weight, optionally with the MSE clip search.
+
+    `kernels` "triton"/"auto": the clip search runs as one Triton kernel (kernels.weight_clip_search_triton):
+    the same candidates and selection; only the error sums round differently (see there).
+    """
+    w = w.float()
+    if clip_search and kernels != "reference":
+        from . import kernels as K
+
+        if K.use_clip_kernel(kernels, w):
+            return K.weight_clip_search_triton(w, bits, sym)
+    xmin, xmax = weight_range(w)
     scale, zero = _scale_zero(xmin, xmax, bits, sym)
     if clip_search:
         best = torch.full_like(scale, float("inf"))
-        for i in range(int(CLIP_MAXSHRINK * CLIP_GRID)):
-            p = 1 - i / CLIP_GRID
+        for p in CLIP_FACTORS:
             s1, z1 = _scale_zero(p * xmin, p * xmax, bits, sym)
             err = (quantize_dequant(w, s1[:, None], z1[:, None], bits, sym) - w).abs_().pow_(CLIP_NORM).sum(1)
             better = err < best
@@ -67,9 +88,11 @@ def weight_qparams(w: torch.Tensor, bits: int, sym: bool = True, clip_search: bo
 
 
 def fake_quant_weight(
-    w: torch.Tensor, bits: int, groupsize: int = -1, sym: bool = True, clip_search: bool = False
+    w: torch.Tensor, bits: int, groupsize: int = -1, sym: bool = True, clip_search: bool = False,
+    kernels: str = "reference",
 ) -> torch.Tensor:
-    """Round-to-nearest weight fake quantization, per output channel or per group of input columns."""
+    """Round-to-nearest weight fake quantization, per output channel or per group of input columns
+    (`kernels`: where the clip search runs, see weight_qparams)."""
     if bits >= 16:
         return w
     rows, cols = w.shape
@@ -79,7 +102,7 @@ def fake_quant_weight(
         flat = w.reshape(rows * cols // groupsize, groupsize)
     else:
         flat = w
-    scale, zero = weight_qparams(flat, bits, sym, clip_search)
+    scale, zero = weight_qparams(flat, bits, sym, clip_search, kernels)
     q = quantize_dequant(flat.float(), scale, zero, bits, sym)
     return q.reshape(rows, cols).to(w.dtype)
 
