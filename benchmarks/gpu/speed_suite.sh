@@ -9,12 +9,15 @@ if [ "$1" = benches ]; then
   python3 - <<'PY'
 import torch, osp_eval.kernels as K
 d = torch.device("cuda")
-print("act-quant kernel == reference on this GPU:", K._auto_ok(d), "| GPTQ block variant (fma):", K.gptq_variant(d))
+print("self-checks on this GPU: act-quant kernel == reference:", K._auto_ok(d), "| its backward ~ autograd:",
+      K._auto_grad_ok(d), "| R3 Q/K Hadamard kernel == reference:", K._hadamard_auto_ok(d),
+      "| GPTQ block variant (fma):", K.gptq_variant(d))
 PY
-  python3 benchmarks/bench_ppl.py --methods fp,rtn,ffn_had,quarot_rtn --kernels reference,triton --nwindows 40 2>&1 | grep -v Warn | tail -12
-  python3 benchmarks/bench_gptq.py --kernels reference,triton 2>&1 | grep "^GPTQ W4"
-  python3 benchmarks/bench_gptq.py --model $M --kernels reference,triton 2>&1 | grep "^GPTQ W4"
-  python3 benchmarks/bench_spinquant.py --micro_batch_sizes 8 --steps 3 --kernels reference,triton 2>&1 | grep -v Warn | tail -6
+  python3 benchmarks/bench_ppl.py --methods fp,rtn,ffn_had,quarot_rtn --kernels reference,triton --nwindows 40 2>&1 | grep -v Warn | tail -10
+  python3 benchmarks/bench_ppl.py --methods fp,rtn --kernels triton --compile --nwindows 40 2>&1 | grep -E "^(fp|rtn) "
+  python3 benchmarks/bench_gptq.py --kernels reference,triton 2>&1 | grep -a "kernels=" | sed 's/.*GPTQ W4/GPTQ W4/'
+  python3 benchmarks/bench_gptq.py --model $M --kernels reference,triton 2>&1 | grep -a "kernels=" | sed 's/.*GPTQ W4/GPTQ W4/'
+  python3 benchmarks/bench_spinquant.py --micro_batch_sizes 8 --steps 3 --kernels reference,triton 2>&1 | grep -v Warn | tail -3
 fi
 if [ "$1" = tables ]; then
   for k in reference triton; do
