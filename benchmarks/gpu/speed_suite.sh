@@ -14,6 +14,7 @@ print("self-checks on this GPU: act-quant kernel == reference:", K._auto_ok(d), 
       "| GPTQ block variant (fma):", K.gptq_variant(d))
 PY
   python3 benchmarks/bench_ppl.py --methods fp,rtn,ffn_had,quarot_rtn --kernels reference,triton --nwindows 40 2>&1 | grep -v Warn | tail -10
+  mv benchmarks/results/bench_ppl_random-osp-1_4b_cuda.json benchmarks/results/bench_ppl_random-osp-1_4b_cuda_paths.json
   python3 benchmarks/bench_ppl.py --methods fp,rtn --kernels triton --compile --nwindows 40 2>&1 | grep -E "^(fp|rtn) "
   python3 benchmarks/bench_gptq.py --kernels reference,triton 2>&1 | grep -a "kernels=" | sed 's/.*GPTQ W4/GPTQ W4/'
   python3 benchmarks/bench_gptq.py --model $M --kernels reference,triton 2>&1 | grep -a "kernels=" | sed 's/.*GPTQ W4/GPTQ W4/'
