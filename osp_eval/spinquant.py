@@ -196,7 +196,7 @@ def _weight_ste(fn, cfg: QuantConfig):
 
     def quantized(w):
         w = fn(w)
-        q = fake_quant_weight(w.detach(), cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip)
+        q = fake_quant_weight(w.detach(), cfg.w_bits, cfg.w_groupsize, not cfg.w_asym, cfg.w_clip, cfg.kernels)
         return w + (q - w.detach())
 
     return quantized
