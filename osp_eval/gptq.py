@@ -105,6 +105,7 @@ def gptq_quantize_weight(
     static_groups: bool = False,
     kernels: str = "reference",
     fma: bool | None = None,
+    fast_linalg: bool | None = None,
 ) -> torch.Tensor:
     """GPTQ-quantize W [out, in] given its input Hessian H [in, in]; returns the fake-quantized weight (W's dtype).
 
@@ -143,7 +144,8 @@ def gptq_quantize_weight(
         perm = torch.argsort(H.diagonal(), descending=True)
         W0, H = W0[:, perm], H[perm][:, perm]
     H.diagonal().add_(percdamp * H.diagonal().mean())
-    gpu_fast = kernels != "reference" and W.is_cuda
+    # fast_linalg (default: the GPU fast path) = the one-Cholesky inverse factor and the contiguous Vᵀ below.
+    gpu_fast = kernels != "reference" and W.is_cuda if fast_linalg is None else fast_linalg
     U = _inverse_cholesky_upper(H, fast=gpu_fast)
     del H
     # Row i of U divided by U_ii: propagating (w - q) along it is the reference's err = (w - q)/U_ii times U[i].
