@@ -11,7 +11,9 @@ bytes taken as token ids: real text, no tokenizer needed), else random tokens; t
 on random tokens (--nsamples × --calib_seqlen). `spinquant` = QuaRot + GPTQ loading a rotation file: with
 --spinquant_steps N, R1/R2 trained first (N steps of 8 calibration windows, time per step and peak memory in the
 row's "spinquant" field; --recompute_rotations and --micro_batch_size as in `osp-eval spinquant-train`), else random
-Hadamards saved as R.bin (the evaluation path's cost only).
+Hadamards saved as R.bin (the evaluation path's cost only). Training longer than one command may run:
+--spinquant_max_seconds S --spinquant_state DIR stops after S seconds with the rotations in DIR, and the same command
+again continues from there (the row is evaluated once training is complete; its times sum the pieces).
 Part 70b: a 70B-shaped model truncated to --layers, streamed and in-GPU: per-layer times, peak memory, whether the
 NLLs agree, and the 80-layer projection (fixed part + 80 × the mean streamed layer time).
 """
@@ -130,22 +132,43 @@ def _peak() -> dict:
 
 
 def train_spinquant(config, sd, calib, args, device, dtype) -> tuple[str, dict]:
-    """SpinQuant R1/R2 training on the calibration windows: seconds per step, peak memory; R.bin in a temp folder."""
+    """SpinQuant R1/R2 training on the calibration windows: seconds per step, peak memory; R.bin in a temp folder,
+    or in --spinquant_state, where a run stopped by --spinquant_max_seconds is continued by the next command."""
+    from osp_eval.rotation import load_rotations
     from osp_eval.spinquant import prepare_training_model, save_rotations, train_rotations
 
+    path = Path(args.spinquant_state or tempfile.mkdtemp()) / "R.bin"
+    side = Path(f"{path}.json")
+    before = json.loads(side.read_text()) if args.spinquant_state and side.is_file() else None
+    if before is not None and before["steps"] != args.spinquant_steps:
+        sys.exit(f"{side} is a run of {before['steps']} steps, not --spinquant_steps {args.spinquant_steps}")
     info = {"steps": args.spinquant_steps, "batch_size": 8, "micro_batch_size": args.micro_batch_size or 8,
             "recompute_rotations": args.recompute_rotations}
     model = fresh(config, sd, dtype, device)
     cfg = cell_config("spinquant", "4-4-4", nsamples=len(calib), calib_seqlen=calib.shape[1])
+    start, r1, r2s = 0, None, None
+    if before is not None:
+        if before["steps_done"] == args.spinquant_steps:
+            del model
+            return str(path), before
+        start = before["steps_done"]
+        r1, r2s = load_rotations(str(path), get_adapter(model).dims(model))
     _sync()
     t0 = time.perf_counter()
-    rot = prepare_training_model(model, cfg, recompute_rotations=args.recompute_rotations)
-    losses = train_rotations(model, rot, calib, steps=args.spinquant_steps, batch_size=8,
-                             micro_batch_size=args.micro_batch_size, progress=False)
+    rot = prepare_training_model(model, cfg, r1, r2s, recompute_rotations=args.recompute_rotations)
+    new = train_rotations(model, rot, calib, steps=args.spinquant_steps, batch_size=8, start_step=start,
+                          micro_batch_size=args.micro_batch_size, progress=False,
+                          max_seconds=args.spinquant_max_seconds)
     _sync()
-    info |= {"train_seconds": time.perf_counter() - t0, "loss_first": losses[0], "loss_last": losses[-1], **_peak()}
-    info["seconds_per_step"] = info["train_seconds"] / args.spinquant_steps
-    path = save_rotations(Path(tempfile.mkdtemp()) / "R.bin", rot.state())
+    seconds = time.perf_counter() - t0
+    losses = (before["losses"] if before else []) + new
+    segments = (before["segment_seconds"] if before else []) + [seconds]
+    done = start + len(new)
+    info |= {"steps_done": done, "complete": done == args.spinquant_steps, "losses": losses,
+             "segment_seconds": segments, "train_seconds": sum(segments), "loss_first": losses[0],
+             "loss_last": losses[-1], **_peak()}
+    info["seconds_per_step"] = info["train_seconds"] / done
+    save_rotations(path, rot.state(), info)
     del model, rot
     return str(path), info
 
@@ -159,6 +182,10 @@ def run(config, sd, row: str, streamed: bool, windows, calib, args, device, dtyp
     try:
         if row == "spinquant" and args.spinquant_steps:
             rotation, out["spinquant"] = train_spinquant(config, sd, calib, args, device, dtype)
+            if not out["spinquant"]["complete"]:  # the next command continues it (--spinquant_state)
+                out["error"] = (f"SpinQuant stopped after {out['spinquant']['steps_done']} of "
+                                f"{args.spinquant_steps} steps (--spinquant_max_seconds): not evaluated")
+                return out | _peak()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()  # the row's own peak from here; training's is in "spinquant"
@@ -281,6 +308,10 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenize WikiText-2 with this tokenizer (default: UTF-8 bytes)")
     p.add_argument("--spinquant_steps", type=int, default=0, help="row spinquant: train R1/R2 this many steps first")
     p.add_argument("--recompute_rotations", action="store_true", help="rotation training keeps no fp32 weight copies")
+    p.add_argument("--spinquant_max_seconds", type=float, default=None,
+                   help="stop rotation training after this many seconds (continued by the next command that names "
+                        "the same --spinquant_state)")
+    p.add_argument("--spinquant_state", default=None, help="folder for R.bin of a training run spread over commands")
     p.add_argument("--micro_batch_size", type=int, default=None, help="rotation training windows per forward (of 8)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (dry run)")
     p.add_argument("--out", default=None, help="JSON file, or a folder for bench_large_<part>.json")

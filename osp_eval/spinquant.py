@@ -314,21 +314,35 @@ def _materialize(model: nn.Module) -> None:
 
 def train_rotations(model: nn.Module, rot: Rotations, windows: torch.Tensor, *, steps: int = 100, lr: float = 1.5,
                     momentum: float = 0.0, batch_size: int = 8, micro_batch_size: int | None = None,
-                    checkpointing: bool = True, progress: bool = True) -> list[float]:
+                    checkpointing: bool = True, progress: bool = True, start_step: int = 0,
+                    optimizer_state: dict | None = None, max_seconds: float | None = None) -> list[float]:
     """Cayley SGD on `rot` for `steps` steps of `batch_size` windows (taken in order, cycling); returns the
-    loss of every step. `model` is a training model from prepare_training_model. `micro_batch_size` (default:
-    the whole batch in one forward) trades memory for speed: a small model's step is launch-bound on a GPU."""
+    loss of every step run. `model` is a training model from prepare_training_model. `micro_batch_size` (default:
+    the whole batch in one forward) trades memory for speed: a small model's step is launch-bound on a GPU.
+
+    Stopping and resuming: `max_seconds` ends the run after the first step that finishes past it; `start_step`
+    (with the rotations and, for momentum > 0, `optimizer_state` of the stopped run) continues it: the schedule and
+    the windows go on where they were, so the pieces equal one uninterrupted run. The optimizer's state at the end
+    ({"momentum_buffers": [...]}, float64) is left on `rot.optimizer_state`."""
     micro_batch_size = micro_batch_size or batch_size
     if steps <= 0 or batch_size <= 0 or micro_batch_size <= 0:
         raise OspEvalError("--steps, --train_batch_size and --micro_batch_size must be positive")
+    if not 0 <= start_step < steps:
+        raise OspEvalError(f"cannot continue at step {start_step} of {steps}")
     device = next(model.parameters()).device
     opt = CayleySGD(rot.parameters(), lr=lr, momentum=momentum)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
+    params = list(rot.parameters())
+    if optimizer_state is not None:  # set directly: load_state_dict would cast the float64 buffers to fp32
+        for p, buf in zip(params, optimizer_state["momentum_buffers"]):
+            if buf is not None:
+                opt.state[p]["momentum_buffer"] = buf.to(p.device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(start_step + s, steps))
+    t_start = time.perf_counter()
     if checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # HF checkpoints decoder layers only in train mode
     losses = []
-    bar = tqdm(range(steps), desc="SpinQuant", disable=not progress)
+    bar = tqdm(range(start_step, steps), desc="SpinQuant", disable=not progress, initial=start_step, total=steps)
     grad_mode = torch.is_grad_enabled()
     torch.set_grad_enabled(True)  # callers (lighteval, eval loops) may have switched autograd off globally
     try:
@@ -348,7 +362,10 @@ def train_rotations(model: nn.Module, rot: Rotations, windows: torch.Tensor, *, 
             sched.step()
             losses.append(total)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+            if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+                break
     finally:
+        rot.optimizer_state = {"momentum_buffers": [opt.state[p].get("momentum_buffer") for p in params]}
         torch.set_grad_enabled(grad_mode)
         model.eval()
         if checkpointing and getattr(model, "is_gradient_checkpointing", False):
@@ -369,10 +386,16 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
                     lr: float = 1.5, momentum: float = 0.0, nsamples: int = 800, seqlen: int = 2048,
                     batch_size: int = 8, micro_batch_size: int | None = None, checkpointing: bool = True, gguf_file=None,
                     dtype="auto", device=None, data_dir=None, progress: bool = True,
-                    identity: dict | None = None, recompute_rotations: bool = False) -> dict:
+                    identity: dict | None = None, recompute_rotations: bool = False,
+                    max_seconds: float | None = None, resume: bool = False) -> dict:
     """Load `model_name`, learn R1/R2 for `cfg` on calibration windows (cfg.calib_data), save R.bin and
     R.bin.json (metadata: losses, time, peak memory, provenance, and `identity` when a cache keys on it).
-    Returns the metadata. Every input is checked before the model loads."""
+    Returns the metadata. Every input is checked before the model loads.
+
+    `max_seconds`: stop after the first step that ends past it (a job with a time limit); R.bin then holds the
+    rotations so far, its sidecar says `"complete": false` and `steps_done`, and carries no `identity`, so no
+    cache ever takes it for the finished run. `resume`: continue such a run from save_path (the same model,
+    data and recipe, checked); the pieces give the same rotations as one uninterrupted run."""
     from .data import calibration_ids, calibration_text
     from .models import load_model
     from .pipeline import check_positive, preflight
@@ -381,6 +404,8 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
     started = now()
     check_positive(steps=steps, train_nsamples=nsamples, train_seqlen=seqlen, train_batch_size=batch_size,
                    micro_batch_size=micro_batch_size)
+    if max_seconds is not None and max_seconds < 0:
+        raise OspEvalError(f"--max_train_seconds must be >= 0 (got {max_seconds})")
     train_cfg = training_config(cfg)
     inputs = preflight(model_name, train_cfg, gguf_file=gguf_file, dtype=dtype, device=device, data_dir=data_dir)
     maxpos = getattr(inputs.config, "max_position_embeddings", None)
@@ -388,16 +413,38 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
         raise OspEvalError(f"--train_seqlen {seqlen} exceeds this model's max_position_embeddings ({maxpos})")
     text = calibration_text(cfg.calib_data, data_dir)
     check_writable(Path(save_path).parent, "--save_path's folder")
+    run = {"model_fingerprint": inputs.fingerprint, "training_config": train_cfg.to_dict(),
+           "init": cfg.optimized_rotation_path or f"random Hadamard, seed {cfg.rotation_seed}", "steps": steps,
+           "lr": lr, "momentum": momentum, "batch_size": batch_size}
+    before = _resume_point(save_path, run) if resume else None
+    if before is not None and before.get("complete"):  # nothing left to train
+        return before | {"rotation_path": str(save_path)}
     model, tok = load_model(model_name, gguf_file, dtype, inputs.device)
     windows, calib = calibration_ids(tok, cfg.calib_data, nsamples, seqlen, cfg.seed, data_dir, text=text)
+    if before is not None and before["calibration"] != calib:
+        raise OspEvalError(f"--resume: {save_path} was trained on other calibration windows ({before['calibration']}"
+                           f" vs {calib}); use the same --calib_data, --train_nsamples, --train_seqlen and --seed")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    rot = prepare_training_model(model, cfg, recompute_rotations=recompute_rotations)
-    losses = train_rotations(model, rot, windows, steps=steps, lr=lr, momentum=momentum, batch_size=batch_size,
-                             micro_batch_size=micro_batch_size, checkpointing=checkpointing, progress=progress)
+    r1 = r2s = opt_state = None
+    if before is not None:
+        from .rotation import load_rotations
+
+        r1, r2s = load_rotations(save_path, get_adapter(model).dims(model))
+        if momentum:
+            opt_state = torch.load(f"{save_path}.optim", weights_only=True)
+    rot = prepare_training_model(model, cfg, r1, r2s, recompute_rotations=recompute_rotations)
+    start = before["steps_done"] if before is not None else 0
+    new = train_rotations(model, rot, windows, steps=steps, lr=lr, momentum=momentum, batch_size=batch_size,
+                          micro_batch_size=micro_batch_size, checkpointing=checkpointing, progress=progress,
+                          start_step=start, optimizer_state=opt_state, max_seconds=max_seconds)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    losses = (before["losses"] if before is not None else []) + new
+    done = start + len(new)
+    complete = done == steps
     meta = {
         "kind": "spinquant_rotations",
         "model": model_name,
@@ -412,13 +459,42 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "rotation_dtype": str(rot.r1.dtype).replace("torch.", ""),
         "losses": losses,
-        "train_seconds": time.perf_counter() - t0,
+        "steps_done": done,
+        "complete": complete,
+        "train_seconds": seconds + (before["train_seconds"] if before else 0.0),
+        "segment_seconds": (before.get("segment_seconds", []) if before else []) + [seconds],
         **_peak_memory(),
         "model_fingerprint": inputs.fingerprint,
-        "identity": identity,
+        "identity": identity if complete else None,
         "provenance": provenance(started),
     }
+    optim = Path(f"{save_path}.optim")
+    if momentum and not complete:  # the momentum buffers a later --resume needs
+        from .provenance import torch_save_atomic
+
+        torch_save_atomic(rot.optimizer_state, optim)
     meta["rotation_path"] = str(save_rotations(save_path, rot.state(), meta))
+    if complete and optim.exists():
+        optim.unlink()
+    return meta
+
+
+def _resume_point(save_path: str, run: dict) -> dict:
+    """The sidecar of the stopped run at save_path, after checking it is this run."""
+    import json
+
+    side = Path(f"{save_path}.json")
+    if not side.is_file() or not Path(save_path).is_file():
+        raise OspEvalError(f"--resume: no stopped run at {save_path} (or its {side.name}); start without --resume")
+    meta = json.loads(side.read_text())
+    if "steps_done" not in meta:  # written before resumable runs existed: always complete
+        meta |= {"steps_done": meta.get("steps"), "complete": True}
+    for key, want in json.loads(json.dumps(run, default=str)).items():  # compared as the sidecar stores them
+        if meta.get(key) != want:
+            raise OspEvalError(f"--resume: {save_path} is a different run ({key}: {meta.get(key)!r} there, {want!r} "
+                               "now); use the same model and training flags, or another --save_path")
+    if run["momentum"] and not meta.get("complete") and not Path(f"{save_path}.optim").is_file():
+        raise OspEvalError(f"--resume: {save_path}.optim (the momentum buffers) is missing")
     return meta
 
 
@@ -432,11 +508,14 @@ def _cli(args) -> None:
                         batch_size=args.train_batch_size, micro_batch_size=args.micro_batch_size,
                         checkpointing=args.gradient_checkpointing, gguf_file=args.gguf_file, dtype=args.dtype,
                         device=args.device, data_dir=args.data_dir, progress=not args.no_progress,
-                        recompute_rotations=args.recompute_rotations)
+                        recompute_rotations=args.recompute_rotations, max_seconds=args.max_train_seconds,
+                        resume=args.resume)
     mem = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k.startswith("peak_"))
     print(f"spinquant W{cfg.w_bits}A{cfg.a_bits}KV{cfg.k_bits} {args.model}: loss {m['losses'][0]:.4f} -> "
-          f"{m['losses'][-1]:.4f} in {m['steps']} steps [{m['train_seconds']:.1f}s, {mem}]")
+          f"{m['losses'][-1]:.4f} after {m['steps_done']} of {m['steps']} steps [{m['train_seconds']:.1f}s, {mem}]")
     print(f"rotations: {m['rotation_path']} (metadata: {m['rotation_path']}.json)")
+    if not m["complete"]:
+        print("stopped at --max_train_seconds: NOT finished; continue with the same command plus --resume")
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
@@ -464,5 +543,10 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    help="keep no fp32 copy of the weights for the backward pass, recompute it there (same gradients; "
                         "less memory for large models, one more rotation per weight and step)")
     t.add_argument("--save_path", default="R.bin", help="where R.bin goes (metadata: SAVE_PATH.json)")
+    t.add_argument("--max_train_seconds", type=float, default=None,
+                   help="stop after the first step that ends past this many seconds and save a resumable, unfinished "
+                        "R.bin (its sidecar says complete: false)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run at --save_path (same model, data and training flags, checked)")
     p.set_defaults(func=_cli)
     return p

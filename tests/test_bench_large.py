@@ -40,3 +40,17 @@ def test_tiny_dry_run(tmp_path, data_dir):
     r = bench_large.main(["--tiny", "--part", "70b", "--layers", "2"])
     assert r["70b"]["fp_streamed_equals_in_gpu"] and r["70b"]["gptq_streamed_equals_in_gpu"]
     assert r["70b"]["gptq_gptq_projected_80_layers_seconds"] > 0
+
+
+def test_spinquant_training_spread_over_commands(tmp_path):
+    """--spinquant_max_seconds 0 stops after one step (the row is not evaluated); the same command again continues
+    from --spinquant_state and gives the losses of one uninterrupted run."""
+    args = ["--tiny", "--models", "llama3-8b", "--rows", "spinquant", "--spinquant_steps", "3"]
+    whole = bench_large.main(args + ["--out", str(tmp_path / "a")])["rows"][0]
+    state = ["--spinquant_state", str(tmp_path / "s"), "--out", str(tmp_path / "b")]
+    first = bench_large.main(args + state + ["--spinquant_max_seconds", "0"])["rows"][0]
+    assert "not evaluated" in first["error"] and first["spinquant"]["steps_done"] == 1
+    second = bench_large.main(args + state)["rows"][0]
+    assert "error" not in second and second["spinquant"]["complete"]
+    assert len(second["spinquant"]["segment_seconds"]) == 2
+    assert second["spinquant"]["losses"] == whole["spinquant"]["losses"] and second["nlls"] == whole["nlls"]

@@ -296,3 +296,45 @@ def test_rotation_matmul_is_plain_off_the_gpu():
 
     w = torch.randn(4, 4, dtype=torch.bfloat16)
     assert rotation_matmul(w, torch.float32) is not _FrozenRotation.apply
+
+
+def _train_cli(stories_path, data_dir, out, *extra):
+    return main(["spinquant-train", stories_path, "--a_bits", "4", "--kv_bits", "4", "--calib_data", "c4",
+                 "--data_dir", data_dir, "--dtype", "float32", "--device", "cpu", "--steps", "3",
+                 "--train_nsamples", "4", "--train_seqlen", "32", "--train_batch_size", "2", "--momentum", "0.9",
+                 "--save_path", str(out), "--no_progress", *extra])
+
+
+def test_stopped_and_resumed_training_equals_one_run(stories_path, data_dir, tmp_path, capsys):
+    """--max_train_seconds 0 stops after one step with an unfinished, identity-less R.bin; --resume continues with
+    the same schedule, windows and momentum buffers: the rotations and losses of one uninterrupted run, bit for bit."""
+    import json
+
+    whole, parts = tmp_path / "a" / "R.bin", tmp_path / "b" / "R.bin"
+    assert _train_cli(stories_path, data_dir, whole) == 0
+    assert _train_cli(stories_path, data_dir, parts, "--max_train_seconds", "0") == 0
+    assert "NOT finished" in capsys.readouterr().out
+    meta = json.loads(parts.with_name("R.bin.json").read_text())
+    assert (meta["steps_done"], meta["complete"], meta["identity"]) == (1, False, None)
+    assert parts.with_name("R.bin.optim").is_file()
+    assert _train_cli(stories_path, data_dir, parts, "--resume") == 0
+    a, b = torch.load(whole, weights_only=True), torch.load(parts, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads(p.with_name("R.bin.json").read_text()) for p in (whole, parts))
+    assert mb["losses"] == ma["losses"] and len(mb["losses"]) == 3
+    assert (mb["steps_done"], mb["complete"], len(mb["segment_seconds"])) == (3, True, 2)
+    assert not parts.with_name("R.bin.optim").exists()
+    # resuming a finished run does nothing
+    assert _train_cli(stories_path, data_dir, parts, "--resume") == 0
+    assert torch.equal(torch.load(parts, weights_only=True)["R1"], b["R1"])
+
+
+def test_resume_refuses_another_run(stories_path, data_dir, tmp_path, capsys):
+    out = tmp_path / "R.bin"
+    assert _train_cli(stories_path, data_dir, out, "--resume") == 2
+    assert "no stopped run" in capsys.readouterr().err
+    assert _train_cli(stories_path, data_dir, out, "--max_train_seconds", "0") == 0
+    capsys.readouterr()
+    assert _train_cli(stories_path, data_dir, out, "--resume", "--lr", "1.0") == 2
+    err = capsys.readouterr().err
+    assert "different run (lr: 1.5 there, 1.0 now)" in err and err.count("\n") == 1
