@@ -89,15 +89,21 @@ if tl is not None:
         return tl.math.div_rn(v, maxq)
 
     @triton.jit
-    def _grid(lo, hi, clip, maxq, inv_maxq, SYM: tl.constexpr, ZERO_IN_RANGE: tl.constexpr, CLIP: tl.constexpr,
-              RECIP: tl.constexpr):
-        """Per-row scale and zero point (0 for sym) from the row's min and max, as the reference computes them."""
+    def _range(lo, hi, clip, ZERO_IN_RANGE: tl.constexpr, CLIP: tl.constexpr):
+        """The quantized range from the row's min and max: 0 kept inside it (per token), then the clip ratio."""
         if ZERO_IN_RANGE:
             lo = tl.minimum(lo, 0.0)
             hi = tl.maximum(hi, 0.0)
         if CLIP:
             lo = lo * clip
             hi = hi * clip
+        return lo, hi
+
+    @triton.jit
+    def _grid(lo, hi, clip, maxq, inv_maxq, SYM: tl.constexpr, ZERO_IN_RANGE: tl.constexpr, CLIP: tl.constexpr,
+              RECIP: tl.constexpr):
+        """Per-row scale and zero point (0 for sym) from the row's min and max, as the reference computes them."""
+        lo, hi = _range(lo, hi, clip, ZERO_IN_RANGE, CLIP)
         if SYM:
             amax = tl.maximum(tl.abs(lo), hi)
             scale = _over(amax, maxq, inv_maxq, RECIP)
@@ -172,12 +178,7 @@ if tl is not None:
                     CLIP: tl.constexpr, RECIP: tl.constexpr):
         """d loss / d (row min, row max) from S and C (see fake_quant_act_ste), along _grid's steps backwards."""
         lo0, hi0 = lo, hi
-        if ZERO_IN_RANGE:
-            lo = tl.minimum(lo, 0.0)
-            hi = tl.maximum(hi, 0.0)
-        if CLIP:
-            lo = lo * clip
-            hi = hi * clip
+        lo, hi = _range(lo, hi, clip, ZERO_IN_RANGE, CLIP)
         if SYM:
             a = tl.abs(lo)
             d = tl.where(tl.maximum(a, hi) == 0, 0.0, _over(S, maxq, inv_maxq, RECIP))  # there scale = 1
