@@ -14,6 +14,8 @@ row's "spinquant" field; --recompute_rotations and --micro_batch_size as in `osp
 Hadamards saved as R.bin (the evaluation path's cost only). Training longer than one command may run:
 --spinquant_max_seconds S --spinquant_state DIR stops after S seconds with the rotations in DIR, and the same command
 again continues from there (the row is evaluated once training is complete; its times sum the pieces).
+Row `kurtosis`: the OSP outlier metric (excess kurtosis of every hidden state, tokens fed alone as the protocol
+does) of the unquantized model on --kurtosis_rows rows: time and peak memory.
 Part 70b: a 70B-shaped model truncated to --layers, streamed and in-GPU: per-layer times, peak memory, whether the
 NLLs agree, and the 80-layer projection (fixed part + 80 × the mean streamed layer time).
 """
@@ -195,6 +197,14 @@ def run(config, sd, row: str, streamed: bool, windows, calib, args, device, dtyp
             stream_model(model, get_adapter(model).layers(model), device)
         _sync()
         out["load_seconds"] = time.perf_counter() - t0
+        if row == "kurtosis":  # the OSP outlier metric of the unquantized model (reference mode: tokens alone)
+            from osp_eval.kurtosis import kurtosis
+
+            rows = windows[torch.arange(args.kurtosis_rows) % len(windows)]
+            k = kurtosis(model, rows, progress=False)
+            del model
+            return out | {"kurtosis": k["kurtosis"], "kurtosis_seconds": k["seconds"], "kurtosis_rows": k["nrows"],
+                          "kurtosis_seqlen": k["seqlen"]} | _peak()
         if row != "fp":
             extra = {"optimized_rotation_path": rotation} if row == "spinquant" else {}
             cfg = cell_config(row, "4-4-4", nsamples=len(calib), calib_seqlen=calib.shape[1], **extra)
@@ -237,6 +247,10 @@ def _rotation_file(config, dtype) -> str:
 def _line(r: dict, name: str) -> str:
     if "error" in r:
         return f"{name:12s} {r['row']:10s} {'stream' if r['streamed'] else 'in-GPU':7s} FAILED {r['error']}"
+    if "kurtosis" in r:
+        return (f"{name:12s} {r['row']:10s} {'stream' if r['streamed'] else 'in-GPU':7s} {r['kurtosis_rows']} rows x "
+                f"{r['kurtosis_seqlen']} tokens: {r['kurtosis_seconds']:7.1f}s  kurtosis {r['kurtosis']:.3f}  peak "
+                f"{r.get('gpu_peak_allocated_gib', '-')} GiB")
     return (f"{name:12s} {r['row']:10s} {'stream' if r['streamed'] else 'in-GPU':7s} "
             f"quant {r.get('quantize_seconds', 0):8.1f}s  eval {r['eval_seconds']:7.1f}s "
             f"{r['tokens_per_second']:9.0f} tok/s  ppl {r['ppl']:10.2f}  peak {r.get('gpu_peak_allocated_gib', '-')} GiB")
@@ -311,6 +325,8 @@ def parse_args(argv=None):
     p.add_argument("--spinquant_max_seconds", type=float, default=None,
                    help="stop rotation training after this many seconds (continued by the next command that names "
                         "the same --spinquant_state)")
+    p.add_argument("--kurtosis_rows", type=int, default=128, help="row kurtosis: rows of --seqlen tokens (the OSP "
+                   "protocol: 128 x 2048), the eval windows reused cyclically")
     p.add_argument("--spinquant_state", default=None, help="folder for R.bin of a training run spread over commands")
     p.add_argument("--micro_batch_size", type=int, default=None, help="rotation training windows per forward (of 8)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (dry run)")
@@ -320,7 +336,7 @@ def parse_args(argv=None):
         if m not in MODELS or m == "llama3-70b":
             p.error(f"--models: unknown model {m!r} (choose from llama3-8b, qwen2.5-7b)")
     for r in args.rows.split(","):
-        if r not in ("fp", "rtn", "ffn_had", "gptq", "quarot", "spinquant"):
+        if r not in ("fp", "rtn", "ffn_had", "gptq", "quarot", "spinquant", "kurtosis"):
             p.error(f"--rows: unknown row {r!r}")
     if args.tiny:
         args.seqlen, args.calib_seqlen = min(args.seqlen, 32), min(args.calib_seqlen, 32)

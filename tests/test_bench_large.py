@@ -37,6 +37,10 @@ def test_tiny_dry_run(tmp_path, data_dir):
                           "--recompute_rotations", "--micro_batch_size", "4", "--out", str(tmp_path)])
     sq = r["rows"][0]
     assert "error" not in sq and sq["spinquant"]["steps"] == 2 and sq["spinquant"]["seconds_per_step"] > 0
+    r = bench_large.main(["--tiny", "--models", "llama3-8b", "--rows", "kurtosis", "--offload", "both",
+                          "--kurtosis_rows", "4", "--out", str(tmp_path)])
+    k_in, k_stream = r["rows"]
+    assert k_in["kurtosis_rows"] == 4 and k_in["kurtosis"] == k_stream["kurtosis"]  # streamed == in-GPU
     r = bench_large.main(["--tiny", "--part", "70b", "--layers", "2"])
     assert r["70b"]["fp_streamed_equals_in_gpu"] and r["70b"]["gptq_streamed_equals_in_gpu"]
     assert r["70b"]["gptq_gptq_projected_80_layers_seconds"] > 0
