@@ -17,7 +17,7 @@ checkpointing per decoder layer (on by default): a layer's rotated weights and q
 are recomputed in backward instead of being held for all layers at once.
 
 Speed on a GPU (kernels triton/auto, bf16 weights): the R1 products W·R1 / R1ᵀ·W run as two TF32 tensor-core
-GEMMs each (`rotation_matmul`: bf16 weights are exact in TF32 and R1 is split into two TF32 halves, so only
+GEMMs each (`split_rotations`: bf16 weights are exact in TF32 and R1 is split into two TF32 halves, so only
 ~2⁻²¹ of R1 is rounded away) and keep only the bf16 weight for backward; `--kernels reference` keeps fp32 GEMMs.
 """
 
@@ -169,13 +169,11 @@ class _FrozenRotation(torch.autograd.Function):
         return None, _mm_split(w.float().T, grad.contiguous()) if ctx.needs_input_grad[1] else None
 
 
-def rotation_matmul(weight: torch.Tensor, rdtype: torch.dtype, kernels: str = "auto"):
-    """(w, r) -> w·r in rdtype for the frozen weights of this model: the split-TF32 GEMM for bf16 weights on a
-    GPU unless kernels is "reference" (products exact, fp32 sums; the weight rotations dominate a large model's
-    training step), else w·r in fp32."""
-    if kernels != "reference" and weight.is_cuda and weight.dtype == torch.bfloat16 and rdtype == torch.float32:
-        return _FrozenRotation.apply
-    return lambda w, r: w.to(rdtype) @ r
+def split_rotations(weight: torch.Tensor, rdtype: torch.dtype, kernels: str = "auto") -> bool:
+    """Whether this model's R1 products run as split-TF32 GEMMs (`_FrozenRotation`): bf16 weights on a GPU unless
+    kernels is "reference" (products exact, fp32 sums; the weight rotations dominate a large model's training
+    step); otherwise w·r in fp32."""
+    return kernels != "reference" and weight.is_cuda and weight.dtype == torch.bfloat16 and rdtype == torch.float32
 
 
 def _parametrize(module: nn.Module, name: str, fn, rdtype: torch.dtype, recompute: bool = False) -> None:
@@ -254,10 +252,9 @@ def prepare_training_model(model: nn.Module, cfg: QuantConfig, r1: torch.Tensor 
     hd = dims.head_dim
     wq = (lambda fn: _weight_ste(fn, cfg)) if cfg.w_bits < 16 else (lambda fn: fn)
     par = partial(_parametrize, recompute=recompute_rotations)
-    mm = rotation_matmul(weight, rdtype, cfg.kernels)
-    if mm is _FrozenRotation.apply:
-        reader = lambda w: mm(w, rot.r1)  # noqa: E731
-        writer = lambda w: mm(w.T, rot.r1).T.contiguous()  # R1ᵀ·W = (Wᵀ·R1)ᵀ  # noqa: E731
+    if split_rotations(weight, rdtype, cfg.kernels):
+        reader = lambda w: _FrozenRotation.apply(w, rot.r1)  # noqa: E731
+        writer = lambda w: _FrozenRotation.apply(w.T, rot.r1).T.contiguous()  # R1ᵀ·W = (Wᵀ·R1)ᵀ  # noqa: E731
     else:
         reader = lambda w: rotate_reader(w.to(rdtype), rot.r1)  # noqa: E731
         writer = lambda w: rotate_writer(w.to(rdtype), rot.r1)  # noqa: E731

@@ -291,11 +291,16 @@ def test_frozen_rotation_forward_and_gradient():
     torch.testing.assert_close(_FrozenRotation.apply(w2.T, r).T, r.detach().T @ w2.float(), rtol=1e-5, atol=1e-6)
 
 
-def test_rotation_matmul_is_plain_off_the_gpu():
-    from osp_eval.spinquant import _FrozenRotation, rotation_matmul
+def test_split_rotations_only_for_bf16_weights_on_a_gpu():
+    from types import SimpleNamespace
 
-    w = torch.randn(4, 4, dtype=torch.bfloat16)
-    assert rotation_matmul(w, torch.float32) is not _FrozenRotation.apply
+    from osp_eval.spinquant import split_rotations
+
+    gpu_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # what the check reads of the weight
+    assert split_rotations(gpu_bf16, torch.float32)
+    assert not split_rotations(gpu_bf16, torch.float32, kernels="reference")
+    assert not split_rotations(SimpleNamespace(is_cuda=True, dtype=torch.float16), torch.float32)
+    assert not split_rotations(torch.zeros(2, dtype=torch.bfloat16), torch.float32)  # the CPU
 
 
 def _train_cli(stories_path, data_dir, out, *extra):
@@ -338,3 +343,41 @@ def test_resume_refuses_another_run(stories_path, data_dir, tmp_path, capsys):
     assert _train_cli(stories_path, data_dir, out, "--resume", "--lr", "1.0") == 2
     err = capsys.readouterr().err
     assert "different run (lr: 1.5 there, 1.0 now)" in err and err.count("\n") == 1
+
+
+def test_split_rotation_path_trains_like_the_plain_path(stories_path, data_dir, monkeypatch):
+    """The GPU's rotation path (`_FrozenRotation` for every R1 product: readers, writers, o_proj's R2 columns after
+    R1, v_proj's rows) wired through prepare_training_model, forced on the CPU, where its two halves run in fp32:
+    the same loss and R1/R2 gradients as the plain fp32 path up to float rounding."""
+    import osp_eval.spinquant as sq
+
+    calls = []
+
+    def counting(forward):
+        def f(ctx, w, r):
+            calls.append(tuple(w.shape))
+            return forward(ctx, w, r)
+        return staticmethod(f)
+
+    def loss_and_grads(force_split: bool):
+        if force_split:
+            monkeypatch.setattr(sq, "split_rotations", lambda *a, **k: True)
+            monkeypatch.setattr(sq._FrozenRotation, "forward", counting(sq._FrozenRotation.forward))
+        model, tok = load_model(stories_path, dtype=torch.float32, device="cpu")
+        windows, _ = calibration_ids(tok, "c4", 2, 64, 0, data_dir)
+        rot = prepare_training_model(model, preset("osp", w_bits=4, w_method="rtn", w_clip=False, **A4KV4))
+        model.train()
+        loss = model(input_ids=windows, labels=windows, use_cache=False).loss
+        loss.backward()
+        monkeypatch.undo()
+        return loss.item(), [p.grad.clone() for p in rot.parameters()]
+
+    plain_loss, plain = loss_and_grads(False)
+    split_loss, split = loss_and_grads(True)
+    # embedding, lm_head and the 7 Linears of each of the 5 layers, once when registered (torch checks each
+    # parametrization once) and once in the forward
+    assert len(calls) == 2 * (2 + 7 * 5)
+    assert split_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain[0].abs().max() > 0 and plain[1].abs().max() > 0
+    for a, b in zip(plain, split):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * a.abs().max().item())
