@@ -407,32 +407,42 @@ def _probe() -> torch.Tensor:
     return x
 
 
+def _self_check(what: str, device: torch.device, cases, consequence: str = "uses the reference") -> bool:
+    """The once-per-device check behind each `auto` kernel: `cases()` yields a description of every case where the
+    kernel differs from the reference (the first one decides). A difference or an error (e.g. a broken Triton
+    install) warns once and keeps the reference."""
+    import warnings
+
+    try:
+        bad = next(iter(cases()), None)
+    except Exception as e:
+        warnings.warn(f"osp_eval.kernels: the Triton {what} failed on {device} ({type(e).__name__}: {e}); "
+                      f"--kernels auto {consequence}")
+        return False
+    if bad is not None:
+        warnings.warn(f"osp_eval.kernels: the Triton {what} differs from the reference on {device} ({bad}); "
+                      f"--kernels auto {consequence}")
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def _auto_ok(device: torch.device) -> bool:
     """`auto` uses the kernel on a device only after it matched the reference bit for bit there (a few
     random tensors with outliers, all-zero rows and ties); otherwise it warns once and keeps the reference."""
-    import warnings
-
     from .quant import fake_quant_act as reference
 
-    x = _probe()
-    try:
+    def cases():
+        x = _probe()
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             xd = x.to(device=device, dtype=dtype)
             for bits in (4, 8):
                 for sym, clip, g, zir in _AUTO_CASES:
-                    a = fake_quant_act_triton(xd, bits, sym, clip, g, zir)
-                    b = reference(xd, bits, sym, clip, g, zir)
-                    if not torch.equal(a, b):
-                        warnings.warn(f"osp_eval.kernels: the Triton quantizer differs from the reference on "
-                                      f"{device} ({dtype}, {bits} bits, sym={sym}, clip={clip}, group={g}); "
-                                      "--kernels auto uses the reference")
-                        return False
-    except Exception as e:  # a broken Triton install: stay on the reference
-        warnings.warn(f"osp_eval.kernels: the Triton quantizer failed on {device} ({type(e).__name__}: {e}); "
-                      "--kernels auto uses the reference")
-        return False
-    return True
+                    if not torch.equal(fake_quant_act_triton(xd, bits, sym, clip, g, zir),
+                                       reference(xd, bits, sym, clip, g, zir)):
+                        yield f"{dtype}, {bits} bits, sym={sym}, clip={clip}, group={g}"
+
+    return _self_check("quantizer", device, cases)
 
 
 def grad_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
@@ -447,13 +457,11 @@ def grad_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
 def _auto_grad_ok(device: torch.device) -> bool:
     """`auto` trains through the kernels' backward on a device only after it matched the reference's autograd
     gradient there (grad_close, bf16 and fp32, the cases of _AUTO_CASES); otherwise the reference trains."""
-    import warnings
-
     from .quant import fake_quant_act as reference
 
-    x = _probe()
-    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    try:
+    def cases():
+        x = _probe()
+        up = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
         with torch.enable_grad():
             for dtype in (torch.bfloat16, torch.float32):
                 xd, ud = x.to(device=device, dtype=dtype).requires_grad_(True), up.to(device=device, dtype=dtype)
@@ -462,15 +470,9 @@ def _auto_grad_ok(device: torch.device) -> bool:
                         (a,) = torch.autograd.grad(fake_quant_act_ste(xd, bits, sym, clip, g, zir), xd, ud)
                         (b,) = torch.autograd.grad(reference(xd, bits, sym, clip, g, zir, ste=True), xd, ud)
                         if not grad_close(a, b):
-                            warnings.warn(f"osp_eval.kernels: the Triton quantizer's gradient differs from the "
-                                          f"reference's on {device} ({dtype}, {bits} bits, sym={sym}, clip={clip}, "
-                                          f"group={g}); --kernels auto trains through the reference")
-                            return False
-    except Exception as e:
-        warnings.warn(f"osp_eval.kernels: the Triton quantizer's backward failed on {device} "
-                      f"({type(e).__name__}: {e}); --kernels auto trains through the reference")
-        return False
-    return True
+                            yield f"{dtype}, {bits} bits, sym={sym}, clip={clip}, group={g}"
+
+    return _self_check("quantizer's gradient", device, cases, "trains through the reference")
 
 
 # --------------------------------------------------------------------------- R3: the Q/K Hadamard after RoPE
@@ -583,16 +585,14 @@ def _hadamard_auto_ok(device: torch.device) -> bool:
     """`auto` uses the fused R3 kernel on a device only after it matched hadamard_transform(·, fp32=True) (and the
     reference K quantizer after it) bit for bit there; the GEMM's summation order is the device's BLAS's, so this
     is checked, not assumed. Otherwise warns once and keeps the reference."""
-    import warnings
-
     from .hadamard import hadamard_transform
     from .quant import fake_quant_act as reference
     from .runtime import ActSpec
 
-    gen = torch.Generator().manual_seed(0)
-    # BLAS picks its GEMM kernel (and so its order) by shape: a decoding-sized and, on a GPU, a prefill-sized one.
-    shapes = [(2, 8, 2)] + ([(1, 1024, 32)] if device.type == "cuda" else [])
-    try:
+    def cases():
+        gen = torch.Generator().manual_seed(0)
+        # BLAS picks its GEMM kernel (and so its order) by shape: a decoding-sized and, on a GPU, a prefill-sized one.
+        shapes = [(2, 8, 2)] + ([(1, 1024, 32)] if device.type == "cuda" else [])
         for n, (b, t, h) in itertools.product(HADAMARD_SIZES, shapes):
             x = torch.randn(b, t, h, n, generator=gen) * torch.logspace(-2, 1, n)
             x[0, 1, 1, 5] = 300.0  # outliers
@@ -607,15 +607,9 @@ def _hadamard_auto_ok(device: torch.device) -> bool:
                     act = ActSpec(bits, sym, clip, n, True)
                     ok = ok and torch.equal(hadamard_rows_triton(xd, act), reference(want, bits, sym, clip, n, True))
                 if not ok:
-                    warnings.warn(f"osp_eval.kernels: the Triton Q/K Hadamard differs from the reference on {device} "
-                                  f"({dtype}, head_dim {n}: the fp32 GEMM sums in another order); --kernels auto "
-                                  "uses the reference")
-                    return False
-    except Exception as e:
-        warnings.warn(f"osp_eval.kernels: the Triton Q/K Hadamard failed on {device} ({type(e).__name__}: {e}); "
-                      "--kernels auto uses the reference")
-        return False
-    return True
+                    yield f"{dtype}, head_dim {n}: the fp32 GEMM sums in another order"
+
+    return _self_check("Q/K Hadamard", device, cases)
 
 
 # --------------------------------------------------------------------------- GPTQ: one 128-column block per launch
@@ -803,26 +797,21 @@ def use_clip_kernel(kernels: str, w: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _clip_auto_ok(device: torch.device) -> bool:
-    import warnings
-
+    """`auto` uses the clip-search kernel on a device only after it picked the reference's scales on a test weight
+    there; otherwise it warns once and keeps the reference."""
     from .quant import weight_qparams
 
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 384, generator=gen) * torch.logspace(-2, 1, 384)
-    w[3] = 0
-    w[5, :4] = 60.0
-    w = w.to(device)
-    try:
+    def cases():
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(64, 384, generator=gen) * torch.logspace(-2, 1, 384)
+        w[3] = 0
+        w[5, :4] = 60.0
+        w = w.to(device)
         for bits in (3, 4, 8):
             for sym in (True, False):
                 got = weight_clip_search_triton(w, bits, sym)
                 want = weight_qparams(w, bits, sym, clip_search=True)
                 if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
-                    warnings.warn(f"osp_eval.kernels: the Triton clip search picked other scales than the "
-                                  f"reference on {device} ({bits} bits, sym={sym}); --kernels auto uses the reference")
-                    return False
-    except Exception as e:
-        warnings.warn(f"osp_eval.kernels: the Triton clip search failed on {device} ({type(e).__name__}: {e}); "
-                      "--kernels auto uses the reference")
-        return False
-    return True
+                    yield f"other scales picked, {bits} bits, sym={sym}"
+
+    return _self_check("clip search", device, cases)
