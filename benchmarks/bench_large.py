@@ -136,40 +136,25 @@ def _peak() -> dict:
 def train_spinquant(config, sd, calib, args, device, dtype) -> tuple[str, dict]:
     """SpinQuant R1/R2 training on the calibration windows: seconds per step, peak memory; R.bin in a temp folder,
     or in --spinquant_state, where a run stopped by --spinquant_max_seconds is continued by the next command."""
-    from osp_eval.rotation import load_rotations
-    from osp_eval.spinquant import prepare_training_model, save_rotations, train_rotations
+    from osp_eval.spinquant import save_rotations, train_segment
 
     path = Path(args.spinquant_state or tempfile.mkdtemp()) / "R.bin"
     side = Path(f"{path}.json")
     before = json.loads(side.read_text()) if args.spinquant_state and side.is_file() else None
     if before is not None and before["steps"] != args.spinquant_steps:
         sys.exit(f"{side} is a run of {before['steps']} steps, not --spinquant_steps {args.spinquant_steps}")
+    if before is not None and before["complete"]:
+        return str(path), before
     info = {"steps": args.spinquant_steps, "batch_size": 8, "micro_batch_size": args.micro_batch_size or 8,
             "recompute_rotations": args.recompute_rotations}
     model = fresh(config, sd, dtype, device)
     cfg = cell_config("spinquant", "4-4-4", nsamples=len(calib), calib_seqlen=calib.shape[1])
-    start, r1, r2s = 0, None, None
-    if before is not None:
-        if before["steps_done"] == args.spinquant_steps:
-            del model
-            return str(path), before
-        start = before["steps_done"]
-        r1, r2s = load_rotations(str(path), get_adapter(model).dims(model))
     _sync()
-    t0 = time.perf_counter()
-    rot = prepare_training_model(model, cfg, r1, r2s, recompute_rotations=args.recompute_rotations)
-    new = train_rotations(model, rot, calib, steps=args.spinquant_steps, batch_size=8, start_step=start,
-                          micro_batch_size=args.micro_batch_size, progress=False,
-                          max_seconds=args.spinquant_max_seconds)
-    _sync()
-    seconds = time.perf_counter() - t0
-    losses = (before["losses"] if before else []) + new
-    segments = (before["segment_seconds"] if before else []) + [seconds]
-    done = start + len(new)
-    info |= {"steps_done": done, "complete": done == args.spinquant_steps, "losses": losses,
-             "segment_seconds": segments, "train_seconds": sum(segments), "loss_first": losses[0],
-             "loss_last": losses[-1], **_peak()}
-    info["seconds_per_step"] = info["train_seconds"] / done
+    rot, run = train_segment(model, cfg, calib, path, before, steps=args.spinquant_steps, batch_size=8,
+                             micro_batch_size=args.micro_batch_size, progress=False,
+                             recompute_rotations=args.recompute_rotations, max_seconds=args.spinquant_max_seconds)
+    info |= run | {"loss_first": run["losses"][0], "loss_last": run["losses"][-1], **_peak()}
+    info["seconds_per_step"] = info["train_seconds"] / run["steps_done"]
     save_rotations(path, rot.state(), info)
     del model, rot
     return str(path), info

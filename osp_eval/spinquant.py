@@ -423,25 +423,11 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
                            f" vs {calib}); use the same --calib_data, --train_nsamples, --train_seqlen and --seed")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    r1 = r2s = opt_state = None
-    if before is not None:
-        from .rotation import load_rotations
-
-        r1, r2s = load_rotations(save_path, get_adapter(model).dims(model))
-        if momentum:
-            opt_state = torch.load(f"{save_path}.optim", weights_only=True)
-    rot = prepare_training_model(model, cfg, r1, r2s, recompute_rotations=recompute_rotations)
-    start = before["steps_done"] if before is not None else 0
-    new = train_rotations(model, rot, windows, steps=steps, lr=lr, momentum=momentum, batch_size=batch_size,
-                          micro_batch_size=micro_batch_size, checkpointing=checkpointing, progress=progress,
-                          start_step=start, optimizer_state=opt_state, max_seconds=max_seconds)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    losses = (before["losses"] if before is not None else []) + new
-    done = start + len(new)
-    complete = done == steps
+    rot, trained = train_segment(model, cfg, windows, save_path, before, steps=steps, lr=lr, momentum=momentum,
+                                 batch_size=batch_size, micro_batch_size=micro_batch_size,
+                                 checkpointing=checkpointing, progress=progress,
+                                 recompute_rotations=recompute_rotations, max_seconds=max_seconds)
+    complete = trained["complete"]
     meta = {
         "kind": "spinquant_rotations",
         "model": model_name,
@@ -455,11 +441,7 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
         "calibration": calib,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "rotation_dtype": str(rot.r1.dtype).replace("torch.", ""),
-        "losses": losses,
-        "steps_done": done,
-        "complete": complete,
-        "train_seconds": seconds + (before["train_seconds"] if before else 0.0),
-        "segment_seconds": (before.get("segment_seconds", []) if before else []) + [seconds],
+        **trained,  # losses, steps_done, complete, segment_seconds, train_seconds
         **_peak_memory(),
         "model_fingerprint": inputs.fingerprint,
         "identity": identity if complete else None,
@@ -474,6 +456,34 @@ def spinquant_train(model_name: str, cfg: QuantConfig, *, save_path: str = "R.bi
     if complete and optim.exists():
         optim.unlink()
     return meta
+
+
+def train_segment(model: nn.Module, cfg: QuantConfig, windows: torch.Tensor, rotation_path, before: dict | None, *,
+                  steps: int, lr: float = 1.5, momentum: float = 0.0, batch_size: int = 8,
+                  micro_batch_size: int | None = None, checkpointing: bool = True, progress: bool = True,
+                  recompute_rotations: bool = False, max_seconds: float | None = None) -> tuple[Rotations, dict]:
+    """Prepare `model` for training and train R1/R2 from the start, or, given `before` (the sidecar of a stopped
+    run), from where it ended (its R.bin at rotation_path; for momentum > 0 also rotation_path.optim). Returns the
+    rotations and the run so far: losses of every step, steps_done, complete, segment_seconds, train_seconds."""
+    r1 = r2s = opt_state = None
+    t0 = time.perf_counter()
+    if before is not None:
+        from .rotation import load_rotations
+
+        r1, r2s = load_rotations(str(rotation_path), get_adapter(model).dims(model))
+        if momentum:
+            opt_state = torch.load(f"{rotation_path}.optim", weights_only=True)
+    rot = prepare_training_model(model, cfg, r1, r2s, recompute_rotations=recompute_rotations)
+    start = before["steps_done"] if before is not None else 0
+    new = train_rotations(model, rot, windows, steps=steps, lr=lr, momentum=momentum, batch_size=batch_size,
+                          micro_batch_size=micro_batch_size, checkpointing=checkpointing, progress=progress,
+                          start_step=start, optimizer_state=opt_state, max_seconds=max_seconds)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    segments = (before.get("segment_seconds", [before["train_seconds"]]) if before else []) + [
+        time.perf_counter() - t0]
+    return rot, {"losses": (before["losses"] if before is not None else []) + new, "steps_done": start + len(new),
+                 "complete": start + len(new) == steps, "segment_seconds": segments, "train_seconds": sum(segments)}
 
 
 def _resume_point(save_path: str, run: dict) -> dict:
