@@ -23,7 +23,6 @@ Differences from the reference (the first three change nothing beyond float roun
 from __future__ import annotations
 
 
-import contextlib
 import logging
 import time
 from functools import partial
@@ -200,20 +199,6 @@ def gptq_quantize_weight(
 # --------------------------------------------------------------------------- Hessians of a layer's Linears
 
 
-@contextlib.contextmanager
-def _matmul_tf32(on: bool):
-    """CUDA fp32 matmuls on TF32 tensor cores inside the block (when `on`), the global setting restored after."""
-    if not on:
-        yield
-        return
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-
-
 def _new_hessian(n: int, device) -> torch.Tensor:
     return torch.zeros(n, n, dtype=torch.float32, device=device)
 
@@ -252,6 +237,8 @@ class HessianHooks:
             raise _StopForward
 
     def _accumulate(self, key: str, x: torch.Tensor) -> None:
+        from .kernels import tf32_matmuls  # imports triton: only once GPTQ runs
+
         # Samples in the running mean: windows of a dense layer (all of one length), or tokens for an expert,
         # whose calls carry as many rows as tokens were routed to it.
         b = x.shape[0]
@@ -265,7 +252,7 @@ class HessianHooks:
         if H is None:
             H = self.hessians[key] = _new_hessian(x.shape[1], x.device)
         # H <- n/(n+b)·H + 2/(n+b)·Σ x xᵀ over the batch's tokens: the reference's running mean.
-        with _matmul_tf32(tf32):
+        with tf32_matmuls(tf32):
             H.addmm_(x.t(), x, beta=n / (n + b), alpha=2 / (n + b))
         self.nsamples[key] = n + b
 

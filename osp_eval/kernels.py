@@ -21,6 +21,7 @@ dense ±1 factor) runs here with K's quantizer fused (`qk_hadamard`): its fp32 s
 which is what `auto` checks the device's GEMM does before using it.
 """
 
+import contextlib
 import functools
 import itertools
 import math
@@ -36,6 +37,21 @@ try:
     import triton.language as tl
 except Exception:  # CPU-only installs
     triton = tl = None
+
+
+@contextlib.contextmanager
+def tf32_matmuls(on: bool):
+    """CUDA fp32 matmuls on TF32 tensor cores inside the block (when `on`), the global setting restored after. The
+    GPU fast path uses it where TF32 loses nothing: products of bf16 values, which TF32 holds exactly."""
+    if not on:
+        yield
+        return
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def triton_available() -> bool:

@@ -147,10 +147,10 @@ def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _mm_split(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a·b for fp32 a exact in TF32 (bf16 values): a·b_hi + a·b_lo, two TF32 tensor-core GEMMs whose products are
     exact; only lo's own TF32 rounding is lost (~2⁻²¹ of b), near fp32 accuracy at a fraction of an fp32 GEMM."""
-    from .gptq import _matmul_tf32
+    from .kernels import tf32_matmuls
 
     hi, lo = tf32_split(b)
-    with _matmul_tf32(True):
+    with tf32_matmuls(True):
         return torch.addmm(a @ hi, a, lo)
 
 

@@ -18,6 +18,7 @@ from osp_eval.config import QuantConfig
 from osp_eval.data import calibration_ids, tokenize_text, wikitext2_text
 from osp_eval.errors import OspEvalError
 from osp_eval.gptq import HessianHooks, gptq_quantize_model, gptq_quantize_weight
+from osp_eval.kernels import tf32_matmuls
 from osp_eval.ppl import perplexity
 from osp_eval.quant import fake_quant_weight
 from osp_eval.runtime import ActSpec, install_input_transform
@@ -407,10 +408,10 @@ def test_fast_inverse_factor_is_the_upper_cholesky_of_the_inverse(n):
 
 def test_tf32_switch_is_local():
     before = torch.backends.cuda.matmul.allow_tf32
-    with gptq._matmul_tf32(True):
+    with tf32_matmuls(True):
         assert torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cuda.matmul.allow_tf32 == before
-    with pytest.raises(ValueError), gptq._matmul_tf32(True):
+    with pytest.raises(ValueError), tf32_matmuls(True):
         raise ValueError
     assert torch.backends.cuda.matmul.allow_tf32 == before
 
