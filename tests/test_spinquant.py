@@ -381,3 +381,9 @@ def test_split_rotation_path_trains_like_the_plain_path(stories_path, data_dir, 
     assert plain[0].abs().max() > 0 and plain[1].abs().max() > 0
     for a, b in zip(plain, split):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * a.abs().max().item())
+
+
+def test_negative_max_train_seconds_is_one_line(stories_path, data_dir, tmp_path, capsys):
+    assert _train_cli(stories_path, data_dir, tmp_path / "R.bin", "--max_train_seconds", "-1") == 2
+    err = capsys.readouterr().err
+    assert "--max_train_seconds must be >= 0" in err and err.count("\n") == 1
