@@ -305,7 +305,18 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 # ---------------------------------------------------------------- fast transform
 
 
-@functools.lru_cache(maxsize=64)
+_FACTORS: dict = {}
+
+
+def _cached_factors(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    # a plain dict, not lru_cache: torch.compile reads a filled entry as a constant, while tracing into the
+    # cached construction breaks the graph (at its self-check)
+    fs = _FACTORS.get((n, dtype, device))
+    if fs is None:
+        fs = _FACTORS[n, dtype, device] = _factors(n, dtype, device)
+    return fs
+
+
 def _factors(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Dense ±1 factors whose Kronecker product is H_n, outermost first.
 
@@ -370,7 +381,7 @@ def hadamard_transform(x: torch.Tensor, scale: float | None = None, fp32: bool =
     rows = y.shape[0]
     # Apply the last axis' factor, then rotate that axis to the front; after one pass over
     # all factors the axes are back in order and every factor hit its own axis.
-    for h in reversed(_factors(n, x.dtype, x.device)):
+    for h in reversed(_cached_factors(n, x.dtype, x.device)):
         f = h.shape[0]
         y = (y.reshape(-1, f) @ h.T).reshape(rows, n // f, f).transpose(1, 2)
     y = y.reshape(*lead, n)

@@ -65,7 +65,10 @@ class SharedInput:
         self.n, self.left, self.key, self.y = n, 0, None, None
 
     def __call__(self, transform: InputTransform, x: torch.Tensor) -> torch.Tensor:
-        key = (x, x._version, transform.act, transform.rotation, transform.quant_enabled)
+        # under torch.compile a tensor's version is a data-dependent symbol (a graph break); inside one traced
+        # graph nothing writes x in place between the Linears that read it
+        version = None if torch.compiler.is_compiling() else x._version
+        key = (x, version, transform.act, transform.rotation, transform.quant_enabled)
         if self.left and self.key[0] is x and self.key[1:] == key[1:]:
             y, self.left = self.y, self.left - 1
             if not self.left:

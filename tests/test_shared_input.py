@@ -77,3 +77,22 @@ def test_no_sharing_while_autograd_records():
     y.add_(1)  # changed in place: recomputed
     s(t, y)
     assert len(calls) == 6
+
+
+@pytest.mark.parametrize("method", [dict(), dict(rotate_down_proj=True), dict(rotate=True)])
+def test_quantized_model_traces_whole_under_torch_compile(method):
+    """torch.compile sees one graph for the W4A4KV4 model (no graph break from the shared-input memo or the
+    online Hadamard's factor cache), and the shared input is still taken: fewer quantizer ops than Linears."""
+    model = test_families.build("llama3", dtype=torch.float32)
+    quantize_(model, preset("osp", **{**CFG, "rotate": False, **method}), progress=False)
+    ids = test_families.ids()
+    with torch.no_grad():
+        eager = model(input_ids=ids, use_cache=False).logits  # fills the Hadamard factor cache, as a warm-up does
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(input_ids=ids, use_cache=False)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="eager")(input_ids=ids, use_cache=False).logits
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
