@@ -100,6 +100,7 @@ def compile_row(model, ids, args, row, first_ppl, first_logits, device) -> dict:
 
     eager = model.forward
     out = {**row, "kernels": row["kernels"] + "+compile"}
+    torch._dynamo.utils.counters.clear()  # graph breaks of this row only
     try:
         model.forward = torch.compile(eager, dynamic=False)
         t0 = time.perf_counter()

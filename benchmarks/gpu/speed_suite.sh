@@ -30,7 +30,8 @@ if has ppl; then
   mv benchmarks/results/bench_ppl_random-osp-1_4b_cuda.json benchmarks/results/bench_ppl_random-osp-1_4b_cuda_paths.json
 fi
 if has compile; then
-  timeout 300 python3 benchmarks/bench_ppl.py --methods fp,rtn --kernels triton --compile --nwindows 40 2>&1 | grep -E "^(fp|rtn) "
+  timeout 420 python3 benchmarks/bench_ppl.py --methods fp,rtn,ffn_had,quarot_rtn --kernels reference --compile --nwindows 40 2>&1 | grep -E "^(fp|rtn|ffn_had|quarot_rtn) |slowdown"
+  mv benchmarks/results/bench_ppl_random-osp-1_4b_cuda.json benchmarks/results/bench_ppl_random-osp-1_4b_cuda_compile.json
 fi
 if has gptq14; then
   python3 benchmarks/bench_gptq.py --kernels reference,triton 2>&1 | grep -a "kernels=" | sed 's/.*GPTQ W4/GPTQ W4/'
