@@ -39,6 +39,22 @@ except Exception:  # CPU-only installs
     triton = tl = None
 
 
+def once_per_device(fn):
+    """functools.cache for the once-per-device checks, on a plain dict: under torch.compile, Dynamo reads a filled
+    entry as a constant, where it would trace into an lru_cache'd check (and break the graph) on every compile."""
+    results = {}
+
+    @functools.wraps(fn)
+    def cached(device):
+        r = results.get(device)
+        if r is None:
+            r = results[device] = fn(device)
+        return r
+
+    cached.cache_clear = results.clear
+    return cached
+
+
 @contextlib.contextmanager
 def tf32_matmuls(on: bool):
     """CUDA fp32 matmuls on TF32 tensor cores inside the block (when `on`), the global setting restored after. The
@@ -398,7 +414,8 @@ def fake_quant_act(x: torch.Tensor, bits: int, sym: bool = False, clip_ratio: fl
     if bits < 16:
         if not (torch.is_grad_enabled() and x.requires_grad):
             if use_triton(kernels, x):
-                return fake_quant_act_triton(x, bits, sym, clip_ratio, groupsize, zero_in_range)
+                run = _fake_quant_act_op if torch.compiler.is_compiling() else fake_quant_act_triton
+                return run(x, bits, sym, clip_ratio, groupsize, zero_in_range)
         elif ste and use_triton(kernels, x, backward=True):
             return _FakeQuantSTE.apply(x, bits, sym, clip_ratio, groupsize, zero_in_range)
     return reference(x, bits, sym, clip_ratio, groupsize, zero_in_range, ste)
@@ -442,7 +459,7 @@ def _self_check(what: str, device: torch.device, cases, consequence: str = "uses
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@once_per_device
 def _auto_ok(device: torch.device) -> bool:
     """`auto` uses the kernel on a device only after it matched the reference bit for bit there (a few
     random tensors with outliers, all-zero rows and ties); otherwise it warns once and keeps the reference."""
@@ -469,7 +486,7 @@ def grad_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
     return bool(((a - b).abs() <= rtol * b.abs().max() + eps * b.abs()).all())
 
 
-@functools.lru_cache(maxsize=None)
+@once_per_device
 def _auto_grad_ok(device: torch.device) -> bool:
     """`auto` trains through the kernels' backward on a device only after it matched the reference's autograd
     gradient there (grad_close, bf16 and fp32, the cases of _AUTO_CASES); otherwise the reference trains."""
@@ -537,12 +554,18 @@ def _k_quant_args(act, n: int):
     return True, bool(act.sym), bool(zir), float(act.clip_ratio), maxq
 
 
-@functools.lru_cache(maxsize=16)
+_HADAMARD_T: dict = {}
+
+
 def _hadamard_t(n: int, device: torch.device) -> torch.Tensor:
-    """H^T of the reference's dense ±1 fp32 factor (hadamard._factors), rows contiguous for the kernel's loads."""
+    """H^T of the reference's dense ±1 fp32 factor (hadamard._factors), rows contiguous for the kernel's loads
+    (a plain dict cache, as `once_per_device`)."""
     from .hadamard import _factors
 
-    return _factors(n, torch.float32, device)[0].T.contiguous()
+    h = _HADAMARD_T.get((n, device))
+    if h is None:
+        h = _HADAMARD_T[n, device] = _factors(n, torch.float32, device)[0].T.contiguous()
+    return h
 
 
 def hadamard_rows_triton(x: torch.Tensor, act=None) -> torch.Tensor:
@@ -552,7 +575,13 @@ def hadamard_rows_triton(x: torch.Tensor, act=None) -> torch.Tensor:
     n = x.shape[-1]
     if n not in HADAMARD_SIZES:
         raise ValueError(f"hadamard_rows_triton: last dim {n} not in {HADAMARD_SIZES}")
-    quant, sym, zir, clip, maxq = _k_quant_args(act, n)
+    args = _k_quant_args(act, n)
+    return (_hadamard_rows_op if torch.compiler.is_compiling() else _hadamard_rows_launch)(x, *args)
+
+
+def _hadamard_rows_launch(x: torch.Tensor, quant: bool, sym: bool, zir: bool, clip: float,
+                          maxq: float) -> torch.Tensor:
+    n = x.shape[-1]
     xc = x.contiguous()
     y = torch.empty_like(xc)
     m = xc.numel() // n
@@ -596,7 +625,7 @@ def qk_hadamard(query: torch.Tensor, key: torch.Tensor, act, kernels: str):
 _HADAMARD_K_CASES = ((4, False, 1.0), (4, True, 0.95), (8, False, 0.9))  # (bits, sym, clip) of K, per head
 
 
-@functools.lru_cache(maxsize=None)
+@once_per_device
 def _hadamard_auto_ok(device: torch.device) -> bool:
     """`auto` uses the fused R3 kernel on a device only after it matched hadamard_transform(·, fp32=True) (and the
     reference K quantizer after it) bit for bit there; the GEMM's summation order is the device's BLAS's, so this
@@ -811,7 +840,7 @@ def use_clip_kernel(kernels: str, w: torch.Tensor) -> bool:
     return use_triton(kernels, w) and (kernels == "triton" or _clip_auto_ok(w.device))
 
 
-@functools.lru_cache(maxsize=None)
+@once_per_device
 def _clip_auto_ok(device: torch.device) -> bool:
     """`auto` uses the clip-search kernel on a device only after it picked the reference's scales on a test weight
     there; otherwise it warns once and keeps the reference."""
@@ -831,3 +860,29 @@ def _clip_auto_ok(device: torch.device) -> bool:
                     yield f"other scales picked, {bits} bits, sym={sym}"
 
     return _self_check("clip search", device, cases)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+# Under torch.compile the forward kernels run as custom ops: Dynamo does not trace into the launch code, Inductor
+# keeps each kernel as one opaque call (the same kernel, the same bits) and fuses what surrounds it.
+
+@torch.library.custom_op("osp_eval::fake_quant_act", mutates_args=())
+def _fake_quant_act_op(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float, groupsize: int,
+                       zero_in_range: bool | None) -> torch.Tensor:
+    return fake_quant_act_triton(x, bits, sym, clip_ratio, groupsize, zero_in_range)
+
+
+@_fake_quant_act_op.register_fake
+def _(x, bits, sym, clip_ratio, groupsize, zero_in_range):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("osp_eval::hadamard_rows", mutates_args=())
+def _hadamard_rows_op(x: torch.Tensor, quant: bool, sym: bool, zir: bool, clip: float, maxq: float) -> torch.Tensor:
+    return _hadamard_rows_launch(x, quant, sym, zir, clip, maxq)
+
+
+@_hadamard_rows_op.register_fake
+def _(x, quant, sym, zir, clip, maxq):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

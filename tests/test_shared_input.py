@@ -96,3 +96,29 @@ def test_quantized_model_traces_whole_under_torch_compile(method):
         compiled = torch.compile(model, backend="eager")(input_ids=ids, use_cache=False).logits
     torch._dynamo.reset()
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("method", [dict(), dict(rotate=True)])
+def test_triton_kernels_stay_whole_under_torch_compile(method, monkeypatch):
+    """With the Triton path, torch.compile keeps each kernel as one opaque custom op (osp_eval::fake_quant_act,
+    osp_eval::hadamard_rows) in a single graph, and the compiled model computes the eager logits bit for bit."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from osp_eval import kernels as K
+
+    if not K.triton_available():
+        pytest.skip("triton does not import")
+    model = test_families.build("llama3", dtype=torch.float32)
+    quantize_(model, preset("osp", **{**CFG, "rotate": False, **method, "kernels": "triton"}), progress=False)
+    ids = test_families.ids()
+    with torch.no_grad():
+        eager = model(input_ids=ids, use_cache=False).logits
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(input_ids=ids, use_cache=False)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("osp_eval.fake_quant_act" in o for o in ops)
+    assert any("osp_eval.hadamard_rows" in o for o in ops)  # R3 (Q/K Hadamard + K quant): on whenever K is quantized
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="eager")(input_ids=ids, use_cache=False).logits
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)

@@ -3,7 +3,7 @@
 #   speed_suite.sh PART [PART ...]   with PART one of
 #     checks    the once-per-GPU self-checks behind --kernels auto
 #     ppl       bench_ppl, 1.4B shape, reference vs triton (fp, RTN, FFN Had, QuaRot)
-#     compile   bench_ppl + torch.compile rows (fp, RTN)
+#     compile   bench_ppl, triton path, eager and under torch.compile (fp, RTN, FFN Had, QuaRot)
 #     gptq14    bench_gptq, 1.4B shape, both paths
 #     spinquant bench_spinquant, 1.4B shape, both paths (3 steps)
 #     gptqsmol  bench_gptq on SmolLM2 (needs the GGUF staged: stage.sh .gpu/p1, then carry .gpu/p2 .gpu/whl)
@@ -30,7 +30,7 @@ if has ppl; then
   mv benchmarks/results/bench_ppl_random-osp-1_4b_cuda.json benchmarks/results/bench_ppl_random-osp-1_4b_cuda_paths.json
 fi
 if has compile; then
-  timeout 420 python3 benchmarks/bench_ppl.py --methods fp,rtn,ffn_had,quarot_rtn --kernels reference --compile --nwindows 40 2>&1 | grep -E "^(fp|rtn|ffn_had|quarot_rtn) |slowdown"
+  timeout 420 python3 benchmarks/bench_ppl.py --methods fp,rtn,ffn_had,quarot_rtn --kernels triton --compile --nwindows 40 2>&1 | grep -E "^(fp|rtn|ffn_had|quarot_rtn) |slowdown"
   mv benchmarks/results/bench_ppl_random-osp-1_4b_cuda.json benchmarks/results/bench_ppl_random-osp-1_4b_cuda_compile.json
 fi
 if has gptq14; then
