@@ -21,7 +21,7 @@ def _ppl(args) -> int:
                      max_windows=args.max_windows, output_dir=args.output_dir, progress=not args.no_progress,
                      save_qmodel_path=args.save_qmodel_path, load_qmodel_path=args.load_qmodel_path,
                      backend=args.backend, offload=args.offload, devices=args.devices,
-                     cuda_graphs=args.cuda_graphs)
+                     cuda_graphs=args.cuda_graphs, compile=args.compile)
     part = "" if r["all_windows"] else f" (first {r['nwindows']} of {r['windows_available']} windows)"
     if not r["data"]["is_reference_split"]:
         part += (f" (NOT the reference WikiText-2 test split: {r['data']['rows']} rows, sha256 "
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--cuda_graphs", action="store_true",
                     help="replay the forward as a CUDA graph (checked bit for bit against the eager forward first; "
                          "changes no number)")
+    pp.add_argument("--compile", action="store_true",
+                    help="run the forward through torch.compile (fuses norms/RoPE; values differ from eager by float "
+                         "rounding, so compiled results are cached apart)")
     pp.add_argument("--backend", choices=("hf", "vllm"), default="hf",
                     help="score windows with Transformers (hf) or a vLLM engine (vllm; quantization is the same)")
     add_offload_arg(pp)

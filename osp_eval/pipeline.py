@@ -232,10 +232,12 @@ def _dtype_name(dtype, device) -> str:
 
 
 def ppl_identity(inputs: Inputs, cfg: QuantConfig, data: dict, *, seqlen=2048, max_windows=None, dtype="auto",
-                 backend="hf") -> dict:
-    """A PPL cell's identity: model and data contents, the recipe's active fields, windowing, dtype, backend."""
+                 backend="hf", compile: bool = False) -> dict:
+    """A PPL cell's identity: model and data contents, the recipe's active fields, windowing, dtype, backend, and
+    `compile` where on (compiled values differ from eager ones by float rounding, so they are other cells)."""
     return inputs.identity("ppl", cfg, data=data["sha256"], seqlen=seqlen, max_windows=max_windows,
-                           dtype=_dtype_name(dtype, inputs.device), backend=backend)
+                           dtype=_dtype_name(dtype, inputs.device), backend=backend,
+                           **({"compile": True} if compile else {}))
 
 
 def ppl_result_path(output_dir, model_name: str, cfg: QuantConfig, identity: dict, gguf_file=None) -> Path:
@@ -251,7 +253,7 @@ def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="au
                  seqlen=2048, batch_size=4, max_windows=None, output_dir="results", progress=True,
                  save_qmodel_path=None, load_qmodel_path=None, backend="hf", inputs: Inputs | None = None,
                  data: tuple[str, dict] | None = None, offload: str = "auto", devices=None,
-                 cuda_graphs: bool = False) -> dict:
+                 cuda_graphs: bool = False, compile: bool = False) -> dict:
     """WikiText-2 test perplexity of `model_name` quantized by `cfg`: the result record, not yet saved
     (`save_ppl` writes it to record["result_path"]). Everything is checked before any compute.
 
@@ -259,6 +261,8 @@ def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="au
     `offload` (auto|on|off, see load_and_quantize) is recorded but is not part of the identity: it changes no number.
     `cuda_graphs`: replay the forward as a CUDA graph (ppl.graphed_forward: used only where it matched the eager
     forward bit for bit; the record's "cuda_graphs" says whether it ran); not part of the identity either.
+    `compile`: the forward through torch.compile (ppl.compiled_forward; float-rounding differences from eager, so
+    part of the identity; the record's "compiled" has the compile time, graph breaks and |Δlogit| vs eager).
     """
     from .provenance import now, peak_memory, reset_peak_memory
 
@@ -267,12 +271,14 @@ def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="au
     if backend not in ("hf", "vllm"):
         raise OspEvalError(f"--backend {backend!r}: choose hf or vllm")
     check_positive(seqlen=seqlen, batch_size=batch_size, max_windows=max_windows)
+    if compile and (backend != "hf" or cuda_graphs):
+        raise OspEvalError("--compile is for --backend hf without --cuda_graphs: drop one of the flags")
     text, data_info = data or wikitext2_data("test", data_dir)  # fail fast on missing or malformed data
     inputs = inputs or preflight(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                  data_dir=data_dir, output_dir=output_dir, load_qmodel_path=load_qmodel_path,
                                  seqlen=seqlen)
     identity = ppl_identity(inputs, cfg, data_info, seqlen=seqlen, max_windows=max_windows, dtype=dtype,
-                            backend=backend)
+                            backend=backend, compile=compile)
     model, tok, info = load_and_quantize(model_name, cfg, gguf_file=gguf_file, dtype=dtype, device=device,
                                          data_dir=data_dir, progress=progress, save_qmodel_path=save_qmodel_path,
                                          load_qmodel_path=load_qmodel_path, inputs=inputs, offload=offload,
@@ -287,7 +293,7 @@ def evaluate_ppl(model_name: str, cfg: QuantConfig, *, gguf_file=None, dtype="au
         res = perplexity_vllm(engine, ids, seqlen, max_windows, batch_size, progress)
         res["vllm_start_seconds"] = engine.start_seconds
     else:
-        res = perplexity(model, ids, seqlen, batch_size, max_windows, progress, cuda_graphs)
+        res = perplexity(model, ids, seqlen, batch_size, max_windows, progress, cuda_graphs, compile)
     # full_split: every window of the reference split, not just of whatever file was given.
     res["all_windows"] = res["full_split"]
     res["full_split"] = res["all_windows"] and bool(data_info["is_reference_split"])

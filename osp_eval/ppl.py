@@ -77,22 +77,49 @@ def graphed_forward(model, batch: torch.Tensor):
     return run
 
 
+def compiled_forward(model, batch: torch.Tensor):
+    """`torch.compile` of the forward for `batch`'s shape, and what it did: compile seconds, graph breaks and the
+    largest |Δlogit| against the eager forward on `batch` (Inductor fuses the norms, RoPE and casts, so the values
+    differ from eager by float rounding; the record says by how much)."""
+    import torch._dynamo
+
+    eager = model(input_ids=batch, use_cache=False).logits.float()
+    torch._dynamo.utils.counters.clear()
+    forward = torch.compile(model, dynamic=False)
+    t0 = time.perf_counter()
+    logits = forward(input_ids=batch, use_cache=False).logits.float()
+    info = {"compile_seconds": time.perf_counter() - t0,
+            "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
+            "max_abs_logit_diff_vs_eager": (logits - eager).abs().max().item()}
+
+    def run(b: torch.Tensor) -> torch.Tensor:
+        return forward(input_ids=b, use_cache=False).logits
+
+    return run, info
+
+
 @torch.no_grad()
 def window_nlls(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
-                cuda_graphs: bool = False) -> torch.Tensor:
+                cuda_graphs: bool = False, compile: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy of each window (fp32 tensor [nwindows]). `cuda_graphs`: full batches replay
     a captured CUDA graph of the forward (checked bit for bit against the eager forward first; see
-    `graphed_forward`); sets `model.osp_cuda_graphs` to whether they did."""
+    `graphed_forward`); sets `model.osp_cuda_graphs` to whether they did. `compile`: full batches run through
+    `torch.compile` (`compiled_forward`; a last, smaller batch runs eagerly instead of compiling a second
+    shape); sets `model.osp_compiled` to what it did."""
     from .offload import is_streamed
 
-    model.osp_cuda_graphs = False
+    model.osp_cuda_graphs, model.osp_compiled = False, None
     if is_streamed(model):
+        if compile:
+            raise OspEvalError("--compile needs the whole model on one device: drop --compile or use --offload off")
         return streamed_window_nlls(model, windows, batch_size, progress)
     device = next(model.parameters()).device
     run = None
     if cuda_graphs and device.type == "cuda" and len(windows) >= batch_size:
         run = graphed_forward(model, windows[:batch_size].to(device))
         model.osp_cuda_graphs = run is not None
+    elif compile and len(windows) >= batch_size:
+        run, model.osp_compiled = compiled_forward(model, windows[:batch_size].to(device))
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc="PPL", disable=not progress, leave=False):
         batch = windows[i : i + batch_size].to(device)
@@ -133,15 +160,19 @@ def streamed_window_nlls(model, windows: torch.Tensor, batch_size: int = 4, prog
 
 
 def perplexity(model, ids: torch.Tensor, seqlen: int = 2048, batch_size: int = 4, max_windows: int | None = None,
-               progress: bool = True, cuda_graphs: bool = False) -> dict:
+               progress: bool = True, cuda_graphs: bool = False, compile: bool = False) -> dict:
+    """PPL record of `ids` split into windows. eval_seconds includes a `compile`'s compilation (also recorded
+    apart, under "compiled")."""
+    if cuda_graphs and compile:
+        raise OspEvalError("--cuda_graphs and --compile are alternatives: pass one of them")
     check_seqlen(model.config, seqlen)
     windows = make_windows(ids, seqlen, max_windows)
     t0 = time.perf_counter()
-    nlls = window_nlls(model, windows, batch_size, progress, cuda_graphs)
+    nlls = window_nlls(model, windows, batch_size, progress, cuda_graphs, compile)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return {**ppl_record(nlls, windows, ids, seqlen, max_windows, time.perf_counter() - t0),
-            "cuda_graphs": model.osp_cuda_graphs}
+            "cuda_graphs": model.osp_cuda_graphs, **({"compiled": model.osp_compiled} if compile else {})}
 
 
 def ppl_record(nlls: torch.Tensor, windows: torch.Tensor, ids: torch.Tensor, seqlen: int, max_windows: int | None,

@@ -169,7 +169,7 @@ def run_table(args) -> dict:
                 cfg = cfg.replace(optimized_rotation_path=rot)
                 inputs.rotation_sha256 = file_sha256(rot)
             identity = ppl_identity(inputs, cfg, data[1], seqlen=args.seqlen, max_windows=args.max_windows,
-                                    dtype=args.dtype)
+                                    dtype=args.dtype, compile=getattr(args, "compile", False))
             path = ppl_result_path(args.output_dir, model, cfg, identity)
             # With --tasks, GPTQ weights are saved once and the lighteval run loads them (no second GPTQ).
             qpath = (Path(args.output_dir) / "qmodels" / model_slug(model) / f"{path.stem}.pt"
@@ -184,7 +184,8 @@ def run_table(args) -> dict:
                                    output_dir=args.output_dir, progress=not args.no_progress,
                                    save_qmodel_path=str(qpath) if qpath else None, inputs=inputs, data=data,
                                    offload=getattr(args, "offload", "auto"),
-                                   cuda_graphs=getattr(args, "cuda_graphs", False))
+                                   cuda_graphs=getattr(args, "cuda_graphs", False),
+                                   compile=getattr(args, "compile", False))
                 save_ppl(rec)
                 rec["cached"] = False
             # Compute time of the cell (model loading excluded): rotation training + quantization + evaluation.
@@ -416,6 +417,8 @@ def add_cli(sub) -> None:
     add_offload_arg(p)
     p.add_argument("--cuda_graphs", action="store_true",
                    help="PPL: replay the forward as a CUDA graph (checked bit for bit first; changes no number)")
+    p.add_argument("--compile", action="store_true",
+                   help="PPL: the forward through torch.compile (float-rounding differences; cached apart)")
     p.add_argument("--batch_size", type=positive_int, default=4, help="PPL windows per forward")
     p.add_argument("--max_windows", type=positive_int, default=None, help="only the first N windows (partial numbers)")
     p.add_argument("--tasks", default=None,

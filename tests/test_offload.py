@@ -124,3 +124,24 @@ def test_offload_is_recorded_not_identity(stories_path, data_dir, tmp_path):
     graphs = evaluate_ppl(stories_path, cfg, cuda_graphs=True, **kw)  # a CUDA-only speed path: recorded, no-op here
     assert graphs["cuda_graphs"] is False and off["cuda_graphs"] is False
     assert graphs["identity"] == off["identity"] and graphs["ppl"] == off["ppl"]
+
+
+def test_compile_is_its_own_cell_and_matches_eager(stories_path, data_dir, tmp_path):
+    """--compile: the compiled forward scores the windows (one graph, logits within float rounding of eager, a last
+    smaller batch run eagerly), the record says what compile did, and the cell is cached apart from eager's."""
+    from osp_eval.pipeline import evaluate_ppl
+
+    kw = dict(device="cpu", data_dir=data_dir, seqlen=64, max_windows=5, batch_size=2, output_dir=tmp_path,
+              progress=False)
+    cfg = preset("osp", w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_method="rtn", rotate_down_proj=True,
+                 kernels="reference")
+    eager = evaluate_ppl(stories_path, cfg, **kw)
+    compiled = evaluate_ppl(stories_path, cfg, compile=True, **kw)
+    c = compiled["compiled"]
+    assert c["graph_breaks"] == 0 and c["compile_seconds"] > 0 and c["max_abs_logit_diff_vs_eager"] < 1e-3
+    assert compiled["ppl"] == pytest.approx(eager["ppl"], rel=1e-4) and compiled["nwindows"] == 5
+    assert compiled["identity"] == {**eager["identity"], "compile": True}
+    assert compiled["result_path"] != eager["result_path"] and "compiled" not in eager
+    for bad in (dict(cuda_graphs=True), dict(backend="vllm"), dict(offload="on")):
+        with pytest.raises(OspEvalError, match="--compile"):
+            evaluate_ppl(stories_path, cfg, compile=True, **{**kw, **bad})

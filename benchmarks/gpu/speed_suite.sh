@@ -8,6 +8,7 @@
 #     spinquant bench_spinquant, 1.4B shape, both paths (3 steps)
 #     gptqsmol  bench_gptq on SmolLM2 (needs the GGUF staged: stage.sh .gpu/p1, then carry .gpu/p2 .gpu/whl)
 #     tables    the SmolLM2 table on both paths (the 0.1% check) and the 1.4B table with auto (needs SmolLM2, .gpu/data)
+#     table14c  the 1.4B table with auto under --compile (after tables, on the same machine)
 # benches = checks ppl compile gptq14 gptqsmol spinquant (the old single part).
 set -uo pipefail
 parts=" $* "; [ "$parts" = " benches " ] && parts=" checks ppl compile gptq14 gptqsmol spinquant "
@@ -54,5 +55,11 @@ if has tables; then
   python3 -m osp_eval table /tmp/osp14b --bits 4-4-4 --methods rtn,ffn_had,gptq,quarot --calib_data c4 --kernels auto \
     --output_dir $R/osp14b_auto --no_progress 2>&1 | grep -v Warn | tail -14
   echo "   1.4B table kernels=auto: $((SECONDS-t0)) s wall"
+fi
+if has table14c; then
+  t0=$SECONDS
+  python3 -m osp_eval table /tmp/osp14b --bits 4-4-4 --methods rtn,ffn_had,gptq,quarot --calib_data c4 --kernels auto \
+    --compile --output_dir $R/osp14b_auto_compile --no_progress 2>&1 | grep -v Warn | tail -14
+  echo "   1.4B table kernels=auto --compile: $((SECONDS-t0)) s wall"
 fi
 cp -r benchmarks/results $R/ 2>/dev/null; tar czf $OUT/speed_$(echo $* | tr " " _).tgz -C $R . && rm -rf $R
