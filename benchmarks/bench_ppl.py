@@ -82,7 +82,7 @@ def graphs_row(model, ids, args, device, row, first_ppl) -> dict:
                     batch = windows[i : i + args.batch_size].to(device)
                     logits = run(batch)
                     parts.append(_window_loss(logits, batch))
-            best, nlls = min(best or t.seconds, t.seconds), torch.cat(parts)
+            best, nlls = min(best or t.seconds, t.seconds), torch.cat(parts).cpu()
     ppl = math.exp(nlls.mean().item())
     out |= {"cuda_graphs": True, "eval_seconds": best, "tokens": full * args.seqlen,
             "tokens_per_second": full * args.seqlen / best, "ppl": ppl, "ppl_diff_vs_first": ppl - first_ppl}

@@ -34,11 +34,12 @@ def check_seqlen(config, seqlen: int) -> None:
 
 
 def _window_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy per window, fp32 on the CPU. Per-token losses stay in the logits' dtype
-    (bf16 in the reference), then average in fp32."""
+    """Mean next-token cross-entropy per window, fp32, on the logits' device (moved to the CPU once, after the
+    last batch: no sync per batch). Per-token losses stay in the logits' dtype (bf16 in the reference), then
+    average in fp32."""
     logits = logits[:, :-1]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
-    return loss.view(len(batch), -1).float().mean(1).cpu()
+    return loss.view(len(batch), -1).float().mean(1)
 
 
 def graphed_forward(model, batch: torch.Tensor):
@@ -126,7 +127,7 @@ def window_nlls(model, windows: torch.Tensor, batch_size: int = 4, progress: boo
         logits = run(batch) if run is not None and len(batch) == batch_size else model(input_ids=batch,
                                                                                           use_cache=False).logits
         out.append(_window_loss(logits, batch))
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 @torch.no_grad()
@@ -156,7 +157,7 @@ def streamed_window_nlls(model, windows: torch.Tensor, batch_size: int = 4, prog
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size].to(device)
         out.append(_window_loss(head(model, layers, batch, hs[i : i + batch_size]).logits, batch))
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def perplexity(model, ids: torch.Tensor, seqlen: int = 2048, batch_size: int = 4, max_windows: int | None = None,
