@@ -7,4 +7,4 @@ from .models import load_model, load_tokenizer
 
 __all__ = ["QuantConfig", "PRESETS", "OSP", "QUAROT_PAPER", "preset", "quantize_", "load_model", "load_tokenizer",
            "OspEvalError"]
-__version__ = "0.3.0"
+__version__ = "0.3.1"

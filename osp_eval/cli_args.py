@@ -7,7 +7,12 @@ import argparse
 import os
 import sys
 
-from .config import PRESETS, QuantConfig, preset
+from .config import KERNELS, PRESETS, QuantConfig, preset
+
+KERNELS_HELP = ("how quantizers and GPTQ/SpinQuant arithmetic run: reference (PyTorch ops), auto (default: the "
+                "Triton kernels that matched the reference bit for bit on this GPU; same numbers), fast (auto plus "
+                "GPU arithmetic equal only in exact arithmetic: faster GPTQ/SpinQuant, other roundings, cached "
+                "apart), triton (all forced, unchecked)")
 
 BOOL = argparse.BooleanOptionalAction
 
@@ -82,9 +87,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rotate_down_proj", action="store_true", help="online Hadamard on the down_proj input (R4)")
     g.add_argument("--optimized_rotation_path", default=None, help="SpinQuant R.bin (needs --rotate)")
     g.add_argument("--o_proj_input", choices=("per_head", "hadamard"), default=None)
-    g.add_argument("--kernels", choices=("reference", "triton", "auto"), default=None,
-                   help="activation quantizers: PyTorch ops, the fused Triton kernel (bit-identical), or auto "
-                        "(Triton on CUDA once it matched the reference there; default)")
+    g.add_argument("--kernels", choices=KERNELS, default=None,
+                   help=KERNELS_HELP)
     c = p.add_argument_group("GPTQ calibration")
     c.add_argument("--percdamp", type=float, default=None)
     c.add_argument("--nsamples", type=positive_int, default=None)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from .errors import OspEvalError
 
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-KERNELS = ("reference", "triton", "auto")  # osp_eval.kernels
+KERNELS = ("reference", "triton", "auto", "fast")  # osp_eval.kernels
+INEXACT_KERNELS = ("triton", "fast")  # may round differently from the reference: part of the cache identity
 
 
 @dataclass
@@ -58,9 +59,10 @@ class QuantConfig:
     optimized_rotation_path: str | None = None
     rotation_seed: int = 0
     extra: dict = field(default_factory=dict)
-    # How the activation quantizers run: "reference" (PyTorch ops), "triton" (osp_eval.kernels: one fused
-    # kernel, bit-identical), "auto" (triton on CUDA once it matched the reference there, else reference).
-    # A speed path: recorded with results, never part of the identity.
+    # How the quantizers and GPTQ/SpinQuant arithmetic run (osp_eval.kernels): "reference" (PyTorch ops), "auto"
+    # (the Triton kernels that reproduced the reference bit for bit on this GPU: the same numbers), "fast" (auto
+    # plus GPU arithmetic equal to the reference's only in exact arithmetic: other roundings, other GPTQ codes),
+    # "triton" (every kernel and fast path forced, unchecked). reference/auto are a label; triton/fast are identity.
     kernels: str = "auto"
 
     def replace(self, **kw) -> "QuantConfig":
@@ -72,9 +74,10 @@ class QuantConfig:
     def identity(self) -> dict:
         """The fields that change what this recipe computes (the cache identity of its results): a group's
         fields only when the group is active, so an RTN cell is not recomputed when a GPTQ-only flag changes.
-        The preset name and the kernels (a speed path, same numbers) are labels; a learned rotation file enters identities by its sha256, not its path."""
+        The preset name and the kernels reference/auto (the same numbers) are labels, triton/fast (other
+        roundings) are identity; a learned rotation file enters identities by its sha256, not its path."""
         d = self.to_dict()
-        drop = {"preset", "optimized_rotation_path", "kernels"}
+        drop = {"preset", "optimized_rotation_path"} | ({"kernels"} if self.kernels not in INEXACT_KERNELS else set())
         if not d["extra"]:
             drop.add("extra")
         if self.w_bits == 16:

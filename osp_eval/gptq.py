@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import base_role, get_adapter
-from .config import QuantConfig
+from .config import INEXACT_KERNELS, QuantConfig
 from .errors import OspEvalError
 from .offload import StopForward as _StopForward
 from .offload import capture_inputs, compute_device, is_streamed, run_layer, walk
@@ -116,8 +116,9 @@ def gptq_quantize_weight(
     `kernels` "triton"/"auto" run each block's column loop (per-row scales) as one Triton launch instead of
     ~10 launches per column, with the same arithmetic (`fma`: how the update rounds; auto uses the kernel only
     where it reproduced this loop bit for bit, see kernels.gptq_variant), and the clip search of every scale
-    fit as one Triton launch (quant.weight_qparams). On CUDA they also take H⁻¹'s factor from one Cholesky
-    (`_inverse_cholesky_upper(fast=True)`): equal in exact arithmetic, not bit for bit.
+    fit as one Triton launch (quant.weight_qparams; "fast"/"triton" only). On CUDA "fast"/"triton" also take
+    H⁻¹'s factor from one Cholesky (`_inverse_cholesky_upper(fast=True)`): equal in exact arithmetic, not bit
+    for bit, so other 4-bit codes.
     """
     if bits >= 16:
         return W
@@ -144,7 +145,7 @@ def gptq_quantize_weight(
         W0, H = W0[:, perm], H[perm][:, perm]
     H.diagonal().add_(percdamp * H.diagonal().mean())
     # fast_linalg (default: the GPU fast path) = the one-Cholesky inverse factor and the contiguous Vᵀ below.
-    gpu_fast = kernels != "reference" and W.is_cuda if fast_linalg is None else fast_linalg
+    gpu_fast = kernels in INEXACT_KERNELS and W.is_cuda if fast_linalg is None else fast_linalg
     U = _inverse_cholesky_upper(H, fast=gpu_fast)
     del H
     # Row i of U divided by U_ii: propagating (w - q) along it is the reference's err = (w - q)/U_ii times U[i].
@@ -291,7 +292,7 @@ def _quantize_group(layer: nn.Module, index: int, linears: dict[str, nn.Linear],
     calibration samples behind its Hessian (windows; tokens for an expert), and the method: "gptq", or RTN for
     an expert that no calibration token reached (without a Hessian GPTQ is undefined: the RTN recipe, clip search
     included, is the fallback)."""
-    hooks = HessianHooks(linears, stop_early=not any("." in r for r in linears), tf32=cfg.kernels != "reference")
+    hooks = HessianHooks(linears, stop_early=not any("." in r for r in linears), tf32=cfg.kernels in INEXACT_KERNELS)
     try:
         run_layer(layer, index, inps, calls, hooks=hooks)
     finally:

@@ -334,13 +334,17 @@ def _factors(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Te
                  for h in mats)
 
 
-@functools.lru_cache(maxsize=1)
+_FHT: list = []  # [module or None] once looked up (a plain list, not lru_cache: torch.compile reads it as a constant)
+
+
 def _fht_module():
-    try:  # optional CUDA kernel; absent on CPU-only installs
-        import fast_hadamard_transform
-    except Exception:
-        return None
-    return fast_hadamard_transform
+    if not _FHT:
+        try:  # optional CUDA kernel; absent on CPU-only installs
+            import fast_hadamard_transform
+        except Exception:
+            fast_hadamard_transform = None
+        _FHT.append(fast_hadamard_transform)
+    return _FHT[0]
 
 
 def _fht_for(x: torch.Tensor):

@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from .config import KERNELS
+from .config import INEXACT_KERNELS, KERNELS
 from .errors import OspEvalError
 
 try:
@@ -78,6 +78,13 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def inexact(kernels: str) -> bool:
+    """Whether `kernels` also takes the GPU paths that equal the reference only in exact arithmetic (GPTQ's TF32
+    Hessians and one-Cholesky H⁻¹, the one-launch clip search, SpinQuant's split-TF32 rotations and backward
+    kernel): "fast" (each where its check passed) and "triton" (forced). auto never does: same numbers."""
+    return kernels in INEXACT_KERNELS
+
+
 def check_kernels(kernels: str) -> None:
     if kernels not in KERNELS:
         raise OspEvalError(f"--kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
@@ -94,13 +101,17 @@ def use_triton(kernels: str, x: torch.Tensor, backward: bool = False) -> bool:
         if not (x.is_cuda or _interpret()):
             raise OspEvalError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1): use --kernels auto")
         return True
-    return x.is_cuda and _auto_ok(x.device) and (not backward or _auto_grad_ok(x.device))  # auto
+    # auto and fast: after the once-per-device checks; the gradient kernel (fp32 sums in another order) only for fast
+    return x.is_cuda and _auto_ok(x.device) and (not backward or (kernels == "fast" and _auto_grad_ok(x.device)))
 
 
 def resolve_kernels(kernels: str, device) -> str:
-    """What `kernels` runs on `device`: "triton" or "reference" (recorded with results)."""
+    """What `kernels` runs on `device`: "triton", "fast" (triton + the inexact GPU paths) or "reference"
+    (recorded with results)."""
     probe = torch.empty(0, device=device)
-    return "triton" if kernels != "reference" and use_triton(kernels, probe) else "reference"
+    if kernels == "reference" or not use_triton(kernels, probe):
+        return "reference"
+    return "fast" if inexact(kernels) else "triton"
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -837,7 +848,7 @@ def use_clip_kernel(kernels: str, w: torch.Tensor) -> bool:
     """Whether weight_qparams' clip search runs as the Triton kernel: as use_triton, and under auto only on a
     device where the kernel picked the reference's scales on a test weight (checked once per device)."""
     check_kernels(kernels)
-    return use_triton(kernels, w) and (kernels == "triton" or _clip_auto_ok(w.device))
+    return inexact(kernels) and use_triton(kernels, w) and (kernels == "triton" or _clip_auto_ok(w.device))
 
 
 @once_per_device

@@ -16,9 +16,10 @@ Memory (1.4B on one 80 GB GPU): bf16 frozen weights (2.8 GB), fp32 rotations, mi
 checkpointing per decoder layer (on by default): a layer's rotated weights and quantizer intermediates
 are recomputed in backward instead of being held for all layers at once.
 
-Speed on a GPU (kernels triton/auto, bf16 weights): the R1 products W·R1 / R1ᵀ·W run as two TF32 tensor-core
+Speed on a GPU (kernels fast/triton, bf16 weights): the R1 products W·R1 / R1ᵀ·W run as two TF32 tensor-core
 GEMMs each (`split_rotations`: bf16 weights are exact in TF32 and R1 is split into two TF32 halves, so only
-~2⁻²¹ of R1 is rounded away) and keep only the bf16 weight for backward; `--kernels reference` keeps fp32 GEMMs.
+~2⁻²¹ of R1 is rounded away) and keep only the bf16 weight for backward, and the quantizers' gradient comes from
+a Triton kernel (fp32 sums in another order); reference and auto keep fp32 GEMMs and autograd's gradient.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .arch import base_role, get_adapter
-from .config import QuantConfig
+from .config import INEXACT_KERNELS, QuantConfig
 from .errors import OspEvalError
 
 
@@ -173,7 +174,8 @@ def split_rotations(weight: torch.Tensor, rdtype: torch.dtype, kernels: str = "a
     """Whether this model's R1 products run as split-TF32 GEMMs (`_FrozenRotation`): bf16 weights on a GPU unless
     kernels is "reference" (products exact, fp32 sums; the weight rotations dominate a large model's training
     step); otherwise w·r in fp32."""
-    return kernels != "reference" and weight.is_cuda and weight.dtype == torch.bfloat16 and rdtype == torch.float32
+    return (kernels in INEXACT_KERNELS and weight.is_cuda and weight.dtype == torch.bfloat16
+            and rdtype == torch.float32)
 
 
 def _parametrize(module: nn.Module, name: str, fn, rdtype: torch.dtype, recompute: bool = False) -> None:

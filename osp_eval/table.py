@@ -19,8 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .cli_args import add_model_args, add_offload_arg, positive_int
-from .config import preset
+from .cli_args import KERNELS_HELP, add_model_args, add_offload_arg, positive_int
+from .config import KERNELS, preset
 from .data import calibration_text, wikitext2_data
 from .errors import OspEvalError
 from .pipeline import model_slug, ppl_result_path
@@ -412,8 +412,8 @@ def add_cli(sub) -> None:
     p.add_argument("--nsamples", type=positive_int, default=None, help="GPTQ calibration windows (default 128)")
     p.add_argument("--calib_seqlen", type=positive_int, default=None, help="GPTQ calibration window length (default 2048)")
     p.add_argument("--seqlen", type=positive_int, default=2048, help="WikiText-2 window length")
-    p.add_argument("--kernels", choices=("reference", "triton", "auto"), default=None,
-                   help="activation quantizers: reference, triton (bit-identical fused kernel) or auto (default)")
+    p.add_argument("--kernels", choices=KERNELS, default=None,
+                   help=KERNELS_HELP)
     add_offload_arg(p)
     p.add_argument("--cuda_graphs", action="store_true",
                    help="PPL: replay the forward as a CUDA graph (checked bit for bit first; changes no number)")

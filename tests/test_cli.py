@@ -79,7 +79,7 @@ def test_gptq_offline_without_wikitext_train_names_c4(stories_path, data_dir):
 @pytest.mark.parametrize(
     "args,needles",
     [
-        (["ppl", "STORIES", "--kernels", "fast"], ["--kernels", "reference"]),
+        (["ppl", "STORIES", "--kernels", "cuda"], ["--kernels", "reference"]),
         (["ppl", "STORIES", "--offload", "sometimes"], ["--offload", "auto"]),
         (["ppl", "STORIES", "--devices", "0"], ["--devices"]),
         (["ppl", "STORIES", "--devices", "2", "--seqlen", "256"], ["--devices 2", "CUDA device"]),

@@ -297,9 +297,11 @@ def test_split_rotations_only_for_bf16_weights_on_a_gpu():
     from osp_eval.spinquant import split_rotations
 
     gpu_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # what the check reads of the weight
-    assert split_rotations(gpu_bf16, torch.float32)
-    assert not split_rotations(gpu_bf16, torch.float32, kernels="reference")
-    assert not split_rotations(SimpleNamespace(is_cuda=True, dtype=torch.float16), torch.float32)
+    assert split_rotations(gpu_bf16, torch.float32, kernels="fast")
+    assert split_rotations(gpu_bf16, torch.float32, kernels="triton")
+    for same_numbers in ("reference", "auto"):  # TF32 halves round R1's last bits away: not for auto
+        assert not split_rotations(gpu_bf16, torch.float32, kernels=same_numbers)
+    assert not split_rotations(SimpleNamespace(is_cuda=True, dtype=torch.float16), torch.float32, kernels="fast")
     assert not split_rotations(torch.zeros(2, dtype=torch.bfloat16), torch.float32)  # the CPU
 
 

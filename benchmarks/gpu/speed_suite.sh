@@ -13,7 +13,7 @@
 set -uo pipefail
 parts=" $* "; [ "$parts" = " benches " ] && parts=" checks ppl compile gptq14 gptqsmol spinquant "
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-case $parts in *" gptqsmol "*|*" tables "*) source benchmarks/gpu/_setup.sh ;; esac
+case $parts in *" gptqsmol "*|*" tables "*|*" table14c "*) source benchmarks/gpu/_setup.sh ;; esac
 nvidia-smi -L
 R=/tmp/speed_res; mkdir -p $R
 has() { case $parts in *" $1 "*) return 0 ;; esac; return 1; }
