@@ -158,3 +158,16 @@ def test_reference_and_cpu_auto_never_call_the_kernel(monkeypatch):
     for kernels in ("reference", "auto"):
         weight_qparams(w, 4, True, clip_search=True, kernels=kernels)
         fake_quant_weight(w, 4, 32, False, clip_search=True, kernels=kernels)
+
+
+def test_only_fast_and_triton_take_the_clip_kernel(monkeypatch):
+    """The kernel's error sums round otherwise than the reference's, so auto (the reference's numbers) never takes
+    it, even where Triton would run; fast (after its check) and triton (forced) do."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(K, "_auto_ok", lambda device: True)  # as on a GPU whose checks passed
+    monkeypatch.setattr(K, "_clip_auto_ok", lambda device: True)
+    gpu_weight = SimpleNamespace(is_cuda=True, dtype=torch.float32, device="cuda:0")  # what the choice reads
+    if K.triton_available():
+        assert K.use_clip_kernel("fast", gpu_weight) and K.use_clip_kernel("triton", gpu_weight)
+    assert not K.use_clip_kernel("auto", gpu_weight) and not K.use_clip_kernel("reference", gpu_weight)
