@@ -251,3 +251,16 @@ def test_backward_compiles_for_hopper():
                  "BLOCK_G": 4096} for sym in (False, True)]
     ptx = sm90_ptx("_fake_quant_rows_grad", sig, variants, num_warps=8)
     assert ["div.rn.f32" in p for p in ptx] == [True, True]
+
+def test_gradient_kernel_only_for_fast_and_triton(monkeypatch):
+    """The backward kernel sums in another order than autograd, so auto (the reference's numbers) trains through
+    autograd even where the forward kernel runs; fast (after its check) and triton (forced) take the kernel."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(K, "_auto_ok", lambda device: True)  # as on a GPU whose checks passed
+    monkeypatch.setattr(K, "_auto_grad_ok", lambda device: True)
+    x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0")  # what the choice reads
+    if K.triton_available():
+        assert K.use_triton("auto", x) and K.use_triton("fast", x)
+        assert K.use_triton("fast", x, backward=True) and K.use_triton("triton", x, backward=True)
+    assert not K.use_triton("auto", x, backward=True) and not K.use_triton("reference", x, backward=True)
