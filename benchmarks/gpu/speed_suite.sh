@@ -4,6 +4,7 @@
 #     checks    the once-per-GPU self-checks behind --kernels auto
 #     ppl       bench_ppl, 1.4B shape, reference vs triton (fp, RTN, FFN Had, QuaRot)
 #     compile   bench_ppl, triton path, eager and under torch.compile (fp, RTN, FFN Had, QuaRot)
+#     compileref  the same on the reference path: Inductor generates (and fuses) the quantizers itself
 #     gptq14    bench_gptq, 1.4B shape, both paths
 #     spinquant bench_spinquant, 1.4B shape, both paths (3 steps)
 #     gptqsmol  bench_gptq on SmolLM2 (needs the GGUF staged: stage.sh .gpu/p1, then carry .gpu/p2 .gpu/whl)
@@ -33,6 +34,10 @@ fi
 if has compile; then
   timeout 420 python3 benchmarks/bench_ppl.py --methods fp,rtn,ffn_had,quarot_rtn --kernels triton --compile --nwindows 40 2>&1 | grep -E "^(fp|rtn|ffn_had|quarot_rtn) |slowdown"
   mv benchmarks/results/bench_ppl_random-osp-1_4b_cuda.json benchmarks/results/bench_ppl_random-osp-1_4b_cuda_compile.json
+fi
+if has compileref; then
+  timeout 420 python3 benchmarks/bench_ppl.py --methods rtn,ffn_had,quarot_rtn --kernels reference --compile --nwindows 40 2>&1 | grep -E "^(rtn|ffn_had|quarot_rtn) |slowdown"
+  mv benchmarks/results/bench_ppl_random-osp-1_4b_cuda.json benchmarks/results/bench_ppl_random-osp-1_4b_cuda_compileref.json
 fi
 if has gptq14; then
   python3 benchmarks/bench_gptq.py --kernels reference,triton 2>&1 | grep -a "kernels=" | sed 's/.*GPTQ W4/GPTQ W4/'
