@@ -148,7 +148,7 @@ def train_spinquant(config, sd, calib, args, device, dtype) -> tuple[str, dict]:
     info = {"steps": args.spinquant_steps, "batch_size": 8, "micro_batch_size": args.micro_batch_size or 8,
             "recompute_rotations": args.recompute_rotations}
     model = fresh(config, sd, dtype, device)
-    cfg = cell_config("spinquant", "4-4-4", nsamples=len(calib), calib_seqlen=calib.shape[1])
+    cfg = cell_config("spinquant", "4-4-4", nsamples=len(calib), calib_seqlen=calib.shape[1], kernels=args.kernels)
     _sync()
     rot, run = train_segment(model, cfg, calib, path, before, steps=args.spinquant_steps, batch_size=8,
                              micro_batch_size=args.micro_batch_size, progress=False,
@@ -192,6 +192,7 @@ def run(config, sd, row: str, streamed: bool, windows, calib, args, device, dtyp
                           "kurtosis_seqlen": k["seqlen"]} | _peak()
         if row != "fp":
             extra = {"optimized_rotation_path": rotation} if row == "spinquant" else {}
+            extra["kernels"] = args.kernels
             cfg = cell_config(row, "4-4-4", nsamples=len(calib), calib_seqlen=calib.shape[1], **extra)
             t0 = time.perf_counter()
             quantize_(model, cfg, calib, progress=False)
@@ -314,6 +315,8 @@ def parse_args(argv=None):
                    "protocol: 128 x 2048), the eval windows reused cyclically")
     p.add_argument("--spinquant_state", default=None, help="folder for R.bin of a training run spread over commands")
     p.add_argument("--micro_batch_size", type=int, default=None, help="rotation training windows per forward (of 8)")
+    p.add_argument("--kernels", choices=("reference", "auto", "fast", "triton"), default="auto",
+                   help="osp_eval --kernels of every row (fast: GPTQ/SpinQuant's inexact GPU arithmetic)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (dry run)")
     p.add_argument("--out", default=None, help="JSON file, or a folder for bench_large_<part>.json")
     args = p.parse_args(argv)
