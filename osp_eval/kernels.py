@@ -1,4 +1,9 @@
-"""Triton kernels for the dynamic activation quantizers (`--kernels triton|auto|reference`).
+"""Triton kernels for the dynamic activation quantizers (`--kernels auto|fast|triton|reference`).
+
+auto (default) takes only what reproduces the reference bit for bit on the device (checked once per device);
+fast adds GPU arithmetic equal to the reference only in exact arithmetic (`inexact`: GPTQ's TF32 Hessians,
+one-Cholesky H⁻¹ and the clip-search kernel, SpinQuant's split-TF32 rotations and gradient kernel); triton forces
+everything, unchecked. reference and auto give the same numbers; fast and triton are part of the cache identity.
 
 `fake_quant_act` here computes exactly what `quant.fake_quant_act` computes, bit for bit, in one pass over
 the input (fp32 in registers only) instead of ~12 PyTorch kernels with fp32 temporaries. The reference's
