@@ -120,6 +120,8 @@ def window_nlls(model, windows: torch.Tensor, batch_size: int = 4, progress: boo
         run = graphed_forward(model, windows[:batch_size].to(device))
         model.osp_cuda_graphs = run is not None
     elif compile and len(windows) >= batch_size:
+        if progress:  # compilation takes seconds to minutes before the first batch
+            tqdm.write("osp-eval: compiling the forward (torch.compile)")
         run, model.osp_compiled = compiled_forward(model, windows[:batch_size].to(device))
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc="PPL", disable=not progress, leave=False):
