@@ -10,7 +10,7 @@ See `python lighteval_ptq.py --help` and osp_eval/lighteval_run.py.
 import sys
 
 from osp_eval.cli import run
-from osp_eval.lighteval_run import build_parser
+from osp_eval.lighteval_cli import build_parser
 
 if __name__ == "__main__":
     args = build_parser().parse_args()

@@ -16,7 +16,7 @@ lighteval's own vLLM backend does not work with vLLM 0.32 (see the shared ENVIRO
 import sys
 
 from osp_eval.cli import run
-from osp_eval.lighteval_run import build_parser
+from osp_eval.lighteval_cli import build_parser
 
 if __name__ == "__main__":
     parser = build_parser(prog="lighteval_ptq_vllm.py")

@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score windows with Transformers (hf) or a vLLM engine (vllm; quantization is the same)")
     add_offload_arg(pp)
     pp.set_defaults(func=_ppl)
-    from . import kurtosis, lighteval_run, outliers, spinquant, table
+    from . import kurtosis, lighteval_cli, outliers, spinquant, table
 
-    for module in (table, kurtosis, outliers, lighteval_run, spinquant):
+    for module in (table, kurtosis, outliers, lighteval_cli, spinquant):
         module.add_cli(sub)
     return p
 

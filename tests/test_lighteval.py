@@ -156,7 +156,7 @@ def test_missing_local_data_is_a_listed_skip(tmp_path, stories_path, data_dir):
 def test_osp_eval_subcommand_has_the_same_flags():
     import argparse
 
-    from osp_eval.lighteval_run import add_cli, build_parser
+    from osp_eval.lighteval_cli import add_cli, build_parser
 
     p = argparse.ArgumentParser(prog="osp-eval")
     add_cli(p.add_subparsers(dest="cmd"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from osp_eval.cli import main, run
-from osp_eval.lighteval_run import build_parser as lighteval_parser
+from osp_eval.lighteval_cli import build_parser as lighteval_parser
 
 
 def cli(argv, entry="osp-eval") -> int:
