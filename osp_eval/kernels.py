@@ -456,21 +456,22 @@ def _probe() -> torch.Tensor:
     return x
 
 
-def _self_check(what: str, device: torch.device, cases, consequence: str = "uses the reference") -> bool:
-    """The once-per-device check behind each `auto` kernel: `cases()` yields a description of every case where the
-    kernel differs from the reference (the first one decides). A difference or an error (e.g. a broken Triton
-    install) warns once and keeps the reference."""
+def _self_check(what: str, device: torch.device, cases, consequence: str = "uses the reference",
+                mode: str = "auto") -> bool:
+    """The once-per-device check behind each kernel of `--kernels mode` (auto, or fast for the inexact ones):
+    `cases()` yields a description of every case where the kernel differs from the reference (the first one
+    decides). A difference or an error (e.g. a broken Triton install) warns once and keeps the reference."""
     import warnings
 
     try:
         bad = next(iter(cases()), None)
     except Exception as e:
         warnings.warn(f"osp_eval.kernels: the Triton {what} failed on {device} ({type(e).__name__}: {e}); "
-                      f"--kernels auto {consequence}")
+                      f"--kernels {mode} {consequence}")
         return False
     if bad is not None:
         warnings.warn(f"osp_eval.kernels: the Triton {what} differs from the reference on {device} ({bad}); "
-                      f"--kernels auto {consequence}")
+                      f"--kernels {mode} {consequence}")
         return False
     return True
 
@@ -504,7 +505,7 @@ def grad_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
 
 @once_per_device
 def _auto_grad_ok(device: torch.device) -> bool:
-    """`auto` trains through the kernels' backward on a device only after it matched the reference's autograd
+    """`fast` trains through the kernels' backward on a device only after it matched the reference's autograd
     gradient there (grad_close, bf16 and fp32, the cases of _AUTO_CASES); otherwise the reference trains."""
     from .quant import fake_quant_act as reference
 
@@ -521,7 +522,7 @@ def _auto_grad_ok(device: torch.device) -> bool:
                         if not grad_close(a, b):
                             yield f"{dtype}, {bits} bits, sym={sym}, clip={clip}, group={g}"
 
-    return _self_check("quantizer's gradient", device, cases, "trains through the reference")
+    return _self_check("quantizer's gradient", device, cases, "trains through the reference", mode="fast")
 
 
 # --------------------------------------------------------------------------- R3: the Q/K Hadamard after RoPE
@@ -850,15 +851,16 @@ def weight_clip_search_triton(w: torch.Tensor, bits: int, sym: bool):
 
 
 def use_clip_kernel(kernels: str, w: torch.Tensor) -> bool:
-    """Whether weight_qparams' clip search runs as the Triton kernel: as use_triton, and under auto only on a
-    device where the kernel picked the reference's scales on a test weight (checked once per device)."""
+    """Whether weight_qparams' clip search runs as the Triton kernel: never under auto (its error sums round
+    otherwise than the reference's); under fast as use_triton, and only on a device where the kernel picked the
+    reference's scales on a test weight (checked once per device); under triton always."""
     check_kernels(kernels)
     return inexact(kernels) and use_triton(kernels, w) and (kernels == "triton" or _clip_auto_ok(w.device))
 
 
 @once_per_device
 def _clip_auto_ok(device: torch.device) -> bool:
-    """`auto` uses the clip-search kernel on a device only after it picked the reference's scales on a test weight
+    """`fast` uses the clip-search kernel on a device only after it picked the reference's scales on a test weight
     there; otherwise it warns once and keeps the reference."""
     from .quant import weight_qparams
 
@@ -875,7 +877,7 @@ def _clip_auto_ok(device: torch.device) -> bool:
                 if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
                     yield f"other scales picked, {bits} bits, sym={sym}"
 
-    return _self_check("clip search", device, cases)
+    return _self_check("clip search", device, cases, mode="fast")
 
 
 # --------------------------------------------------------------------------- torch.compile
