@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osp_eval.apply import quantize_  # noqa: E402
 from osp_eval.arch import get_adapter  # noqa: E402
+from osp_eval.config import KERNELS  # noqa: E402
 from osp_eval.offload import GiB, stream_model  # noqa: E402
 from osp_eval.ppl import window_nlls  # noqa: E402
 from osp_eval.results import device_info, versions  # noqa: E402
@@ -315,7 +316,7 @@ def parse_args(argv=None):
                    "protocol: 128 x 2048), the eval windows reused cyclically")
     p.add_argument("--spinquant_state", default=None, help="folder for R.bin of a training run spread over commands")
     p.add_argument("--micro_batch_size", type=int, default=None, help="rotation training windows per forward (of 8)")
-    p.add_argument("--kernels", choices=("reference", "auto", "fast", "triton"), default="auto",
+    p.add_argument("--kernels", choices=KERNELS, default="auto",
                    help="osp_eval --kernels of every row (fast: GPTQ/SpinQuant's inexact GPU arithmetic)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (dry run)")
     p.add_argument("--out", default=None, help="JSON file, or a folder for bench_large_<part>.json")

@@ -38,6 +38,7 @@ import math
 import torch
 
 from ._hadamard_tables import WILLIAMSON_FIRST_ROWS
+from .memo import memo
 
 # The original fixed list of K.  Decomposition tries it first, in this order (the reference
 # implementation's), and each keeps its original construction, so its matrices never change.
@@ -305,18 +306,7 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 # ---------------------------------------------------------------- fast transform
 
 
-_FACTORS: dict = {}
-
-
-def _cached_factors(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    # a plain dict, not lru_cache: torch.compile reads a filled entry as a constant, while tracing into the
-    # cached construction breaks the graph (at its self-check)
-    fs = _FACTORS.get((n, dtype, device))
-    if fs is None:
-        fs = _FACTORS[n, dtype, device] = _factors(n, dtype, device)
-    return fs
-
-
+@memo  # not lru_cache: under torch.compile a traced construction would break the graph at its self-check
 def _factors(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Dense ±1 factors whose Kronecker product is H_n, outermost first.
 
@@ -334,17 +324,13 @@ def _factors(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Te
                  for h in mats)
 
 
-_FHT: list = []  # [module or None] once looked up (a plain list, not lru_cache: torch.compile reads it as a constant)
-
-
+@memo  # not lru_cache: under torch.compile a traced failing import breaks the graph
 def _fht_module():
-    if not _FHT:
-        try:  # optional CUDA kernel; absent on CPU-only installs
-            import fast_hadamard_transform
-        except Exception:
-            fast_hadamard_transform = None
-        _FHT.append(fast_hadamard_transform)
-    return _FHT[0]
+    try:  # optional CUDA kernel; absent on CPU-only installs
+        import fast_hadamard_transform
+    except Exception:
+        return None
+    return fast_hadamard_transform
 
 
 def _fht_for(x: torch.Tensor):
@@ -385,7 +371,7 @@ def hadamard_transform(x: torch.Tensor, scale: float | None = None, fp32: bool =
     rows = y.shape[0]
     # Apply the last axis' factor, then rotate that axis to the front; after one pass over
     # all factors the axes are back in order and every factor hit its own axis.
-    for h in reversed(_cached_factors(n, x.dtype, x.device)):
+    for h in reversed(_factors(n, x.dtype, x.device)):
         f = h.shape[0]
         y = (y.reshape(-1, f) @ h.T).reshape(rows, n // f, f).transpose(1, 2)
     y = y.reshape(*lead, n)

@@ -36,28 +36,13 @@ import torch
 
 from .config import INEXACT_KERNELS, KERNELS
 from .errors import OspEvalError
+from .memo import memo  # once-per-device checks and constants, read by Dynamo without tracing into them
 
 try:
     import triton
     import triton.language as tl
 except Exception:  # CPU-only installs
     triton = tl = None
-
-
-def once_per_device(fn):
-    """functools.cache for the once-per-device checks, on a plain dict: under torch.compile, Dynamo reads a filled
-    entry as a constant, where it would trace into an lru_cache'd check (and break the graph) on every compile."""
-    results = {}
-
-    @functools.wraps(fn)
-    def cached(device):
-        r = results.get(device)
-        if r is None:
-            r = results[device] = fn(device)
-        return r
-
-    cached.cache_clear = results.clear
-    return cached
 
 
 @contextlib.contextmanager
@@ -476,7 +461,7 @@ def _self_check(what: str, device: torch.device, cases, consequence: str = "uses
     return True
 
 
-@once_per_device
+@memo
 def _auto_ok(device: torch.device) -> bool:
     """`auto` uses the kernel on a device only after it matched the reference bit for bit there (a few
     random tensors with outliers, all-zero rows and ties); otherwise it warns once and keeps the reference."""
@@ -503,7 +488,7 @@ def grad_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
     return bool(((a - b).abs() <= rtol * b.abs().max() + eps * b.abs()).all())
 
 
-@once_per_device
+@memo
 def _auto_grad_ok(device: torch.device) -> bool:
     """`fast` trains through the kernels' backward on a device only after it matched the reference's autograd
     gradient there (grad_close, bf16 and fp32, the cases of _AUTO_CASES); otherwise the reference trains."""
@@ -571,18 +556,12 @@ def _k_quant_args(act, n: int):
     return True, bool(act.sym), bool(zir), float(act.clip_ratio), maxq
 
 
-_HADAMARD_T: dict = {}
-
-
+@memo
 def _hadamard_t(n: int, device: torch.device) -> torch.Tensor:
-    """H^T of the reference's dense ±1 fp32 factor (hadamard._factors), rows contiguous for the kernel's loads
-    (a plain dict cache, as `once_per_device`)."""
+    """H^T of the reference's dense ±1 fp32 factor (hadamard._factors), rows contiguous for the kernel's loads."""
     from .hadamard import _factors
 
-    h = _HADAMARD_T.get((n, device))
-    if h is None:
-        h = _HADAMARD_T[n, device] = _factors(n, torch.float32, device)[0].T.contiguous()
-    return h
+    return _factors(n, torch.float32, device)[0].T.contiguous()
 
 
 def hadamard_rows_triton(x: torch.Tensor, act=None) -> torch.Tensor:
@@ -642,7 +621,7 @@ def qk_hadamard(query: torch.Tensor, key: torch.Tensor, act, kernels: str):
 _HADAMARD_K_CASES = ((4, False, 1.0), (4, True, 0.95), (8, False, 0.9))  # (bits, sym, clip) of K, per head
 
 
-@once_per_device
+@memo
 def _hadamard_auto_ok(device: torch.device) -> bool:
     """`auto` uses the fused R3 kernel on a device only after it matched hadamard_transform(·, fp32=True) (and the
     reference K quantizer after it) bit for bit there; the GEMM's summation order is the device's BLAS's, so this
@@ -858,7 +837,7 @@ def use_clip_kernel(kernels: str, w: torch.Tensor) -> bool:
     return inexact(kernels) and use_triton(kernels, w) and (kernels == "triton" or _clip_auto_ok(w.device))
 
 
-@once_per_device
+@memo
 def _clip_auto_ok(device: torch.device) -> bool:
     """`fast` uses the clip-search kernel on a device only after it picked the reference's scales on a test weight
     there; otherwise it warns once and keeps the reference."""
