@@ -86,6 +86,9 @@ def test_gptq_offline_without_wikitext_train_names_c4(stories_path, data_dir):
         (["table", "STORIES", "--offload", "sometimes"], ["--offload"]),
         (["kurtosis", "STORIES", "--offload", "sometimes"], ["--offload"]),
         (["lighteval", "STORIES", "--data_parallel", "0"], ["--data_parallel"]),
+        (["ppl", "STORIES", "--compile", "--cuda_graphs"], ["--compile", "--cuda_graphs"]),
+        (["ppl", "STORIES", "--compile", "--backend", "vllm"], ["--compile", "--backend hf"]),
+        (["table", "STORIES", "--kernels", "fastest"], ["--kernels", "fast"]),
     ],
 )
 def test_new_flags_bad_input_is_one_line_exit_2(args, needles, stories_path, data_dir):
